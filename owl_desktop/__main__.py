@@ -1,0 +1,3 @@
+from owl_desktop.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""The model bundle: what conversion writes and the engine loads.
+
+<bundle dir>/
+  bundle.json          written last; format version, source, sha256 of each file, model config, prompt template
+  vision.safetensors   vision_model.*, abstractor.*, query_tokens (names as in the HF checkpoint)
+  llm-<QUANT>.gguf     the LLaMA language model with its SentencePiece vocabulary
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from owl_desktop import paths
+from owl_desktop.errors import BundleError
+from owl_desktop.model_config import OwlConfig
+from owl_desktop.tasks import Task
+
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+VISION_FILE = "vision.safetensors"
+QUANTS = ("F32", "F16", "Q8_0", "Q5_K_M", "Q4_K_M")
+DEFAULT_QUANT = "Q4_K_M"
+
+DEFAULT_SYSTEM = (
+    "The following is a conversation between a curious human and AI assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def llm_filename(quant: str) -> str:
+    return f"llm-{quant}.gguf"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """mPLUG-Owl's plain-text chat template; `<image>` lines are replaced by image rows."""
+
+    system: str = DEFAULT_SYSTEM
+    human: str = "Human: "
+    ai: str = "AI: "
+    image: str = "<image>"
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PromptTemplate:
+        return cls(**{k: str(v) for k, v in raw.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    id: str
+    quant: str
+    config: OwlConfig
+    prompt: PromptTemplate
+    files: dict[str, FileRecord]
+    source: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def vision_path(self) -> Path:
+        return self.path / VISION_FILE
+
+    @property
+    def llm_path(self) -> Path:
+        return self.path / llm_filename(self.quant)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.files.values())
+
+
+def sha256_file(path: Path, task: Task | None = None, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, reading in chunks; reports bytes hashed and honours cancellation."""
+    h = hashlib.sha256()
+    total = path.stat().st_size
+    done = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            done += len(block)
+            if task is not None:
+                task.check()
+                task.report(f"hashing {path.name}", done, total, "B")
+    return h.hexdigest()
+
+
+def write_manifest(
+    directory: Path,
+    *,
+    bundle_id: str,
+    quant: str,
+    config: OwlConfig,
+    source: dict[str, Any],
+    prompt: PromptTemplate | None = None,
+    task: Task | None = None,
+) -> Path:
+    """Hash every payload file of `directory` and write bundle.json (the last file of a bundle)."""
+    files = {}
+    for name in (VISION_FILE, llm_filename(quant)):
+        p = directory / name
+        files[name] = {"sha256": sha256_file(p, task), "size": p.stat().st_size}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "id": bundle_id,
+        "quantization": quant,
+        "source": source,
+        "files": files,
+        "config": config.to_dict(),
+        "prompt": (prompt or PromptTemplate()).to_dict(),
+    }
+    out = directory / MANIFEST
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def resolve(ref: str | Path) -> Path:
+    """A bundle folder path, or the id of a bundle installed in the data dir."""
+    p = Path(ref).expanduser()
+    if (p / MANIFEST).is_file():
+        return p
+    installed = paths.models_dir() / str(ref)
+    if (installed / MANIFEST).is_file():
+        return installed
+    if p.exists():
+        raise BundleError(f"{p} is not a model bundle (no {MANIFEST}); convert a checkpoint with `owl-desktop convert`")
+    raise BundleError(f"no model bundle '{ref}': not a folder, and not installed in {paths.models_dir()}")
+
+
+def load(ref: str | Path, *, verify: bool | None = None, task: Task | None = None) -> Bundle:
+    """Read a bundle's manifest and check its files.
+
+    Sizes are always checked. Hashes are checked when `verify` is True, or, when `verify` is None, the first
+    time this exact set of files (path, size, mtime) is loaded on this machine.
+    """
+    root = resolve(ref)
+    try:
+        raw = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        if int(raw.get("format_version", -1)) > FORMAT_VERSION:
+            raise BundleError(
+                f"bundle {root.name} has format {raw['format_version']}; this owl-desktop reads up to {FORMAT_VERSION}"
+            )
+        bundle = Bundle(
+            path=root,
+            id=str(raw["id"]),
+            quant=str(raw["quantization"]),
+            config=OwlConfig.from_dict({"model_type": "mplug-owl", **raw["config"]}),
+            prompt=PromptTemplate.from_dict(raw.get("prompt", {})),
+            files={k: FileRecord(str(v["sha256"]), int(v["size"])) for k, v in raw["files"].items()},
+            source=dict(raw.get("source", {})),
+            format_version=int(raw["format_version"]),
+        )
+    except BundleError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"bundle {root.name}: unreadable {MANIFEST} ({exc})") from exc
+    for name, rec in bundle.files.items():
+        p = root / name
+        if not p.is_file():
+            raise BundleError(f"bundle {bundle.id}: file {name} is missing; delete the bundle and convert again")
+        if p.stat().st_size != rec.size:
+            raise BundleError(f"bundle {bundle.id}: file {name} has the wrong size (corrupted or incomplete)")
+    stamp = _stamp(bundle)
+    if verify or (verify is None and stamp not in _verified_stamps()):
+        verify_hashes(bundle, task)
+        _remember_verified(stamp)
+    return bundle
+
+
+def verify_hashes(bundle: Bundle, task: Task | None = None) -> None:
+    for name, rec in bundle.files.items():
+        if sha256_file(bundle.path / name, task) != rec.sha256:
+            raise BundleError(f"bundle {bundle.id}: file {name} is corrupted (sha256 mismatch); convert it again")
+
+
+def _stamp(bundle: Bundle) -> str:
+    parts = [str(bundle.path.resolve())]
+    for name in sorted(bundle.files):
+        st = (bundle.path / name).stat()
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}:{bundle.files[name].sha256}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _verified_file() -> Path:
+    return paths.cache_dir() / "verified-bundles.json"
+
+
+def _verified_stamps() -> set[str]:
+    try:
+        return set(json.loads(_verified_file().read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return set()
+
+
+def _remember_verified(stamp: str) -> None:
+    stamps = _verified_stamps() | {stamp}
+    try:
+        paths.ensure(_verified_file().parent)
+        tmp = _verified_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(stamps)), encoding="utf-8")
+        os.replace(tmp, _verified_file())
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time

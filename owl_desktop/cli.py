@@ -1,0 +1,43 @@
+"""`owl-desktop` entry point: the desktop app by default, subcommands for everything else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from owl_desktop import __version__
+from owl_desktop.commands import COMMANDS
+from owl_desktop.errors import OwlError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="owl-desktop",
+        description="Private, local chat about images with mPLUG-Owl. Without a command, opens the app.",
+    )
+    parser.add_argument("--version", action="version", version=f"owl-desktop {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except OwlError as exc:
+        print(f"owl-desktop: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("owl-desktop: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Developer tools: tiny random mPLUG-Owl checkpoints for tests, the offline demo and benchmarks."""

@@ -1,0 +1,49 @@
+"""Errors a user can meet. Each carries a one-line message fit for the GUI and the CLI."""
+
+from __future__ import annotations
+
+
+class OwlError(Exception):
+    """Base of every error we show to a user instead of a traceback."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Cancelled(OwlError):
+    """The user (or the app shutting down) cancelled a long job."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "cancelled") -> None:
+        super().__init__(message)
+
+
+class CheckpointError(OwlError):
+    """A source checkpoint is missing, unreadable, unsafe or not an mPLUG-Owl checkpoint."""
+
+
+class ConversionError(OwlError):
+    """Conversion failed for a reason other than the input (disk, permissions, llama.cpp)."""
+
+
+class BundleError(OwlError):
+    """A model bundle is missing, incomplete or corrupted."""
+
+
+class ImageError(OwlError):
+    """An image could not be read or decoded."""
+
+
+class PromptError(OwlError):
+    """A question or conversation cannot be turned into a prompt (empty, too long for the context)."""
+
+
+class EngineError(OwlError):
+    """The inference engine could not load or run the model."""
