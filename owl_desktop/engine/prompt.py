@@ -1,0 +1,255 @@
+"""The mPLUG-Owl prompt: a conversation becomes ordered token and image segments that fit the context.
+
+Text form (mplug-owl-reference.md §4), with one `Human: <image>` line per image of a turn, before its question,
+and the text ending in "AI: " with its trailing space:
+
+    {system}\\nHuman: <image>\\nHuman: {q1}\\nAI: {a1}\\nHuman: <image>\\nHuman: {q2}\\nAI:␠
+
+Ids as the reference processor makes them (§2.5): the text between images is tokenized chunk by chunk, each chunk in
+its own SentencePiece call without BOS (so each starts with the dummy-prefix "▁"), BOS is prepended once, and every
+image takes `image_rows` (65) positions filled by the vision encoder's rows. llama.cpp's
+`llama_tokenize(add_special=False, parse_special=False)` called once per chunk gives the same ids.
+
+Chunks are cut where the conversation has images, never by searching the text for "<image>": a user who types
+"<image>" gets those characters as text, not a phantom image slot (the reference would make one). Questions and
+answers are stripped of surrounding whitespace.
+
+When the conversation does not fit in n_ctx with room for the answer, the oldest turns are left out, whole and with
+their images; the current turn is never cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from owl_desktop.bundle import PromptTemplate
+from owl_desktop.errors import PromptError
+
+Tokenize = Callable[[str], list[int]]
+"""SentencePiece-like tokenizer of one text chunk: no BOS, dummy-prefix "▁" at the start, special text not parsed."""
+
+N_CTX = 2048
+MAX_NEW_TOKENS = 512
+MIN_NEW_TOKENS = 16  # the least room for an answer that still makes a turn worth sending
+IMAGE_ROWS = 65  # OwlConfig.image_rows: 64 queries + vit_eos
+BOS_ID = 1
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One exchange: images (their keys, e.g. sha256, in order), the question, and the answer (None while asked)."""
+
+    images: Sequence[str]
+    question: str
+    answer: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.images, str):
+            raise TypeError("Turn.images is a sequence of image keys, not one string")
+        object.__setattr__(self, "images", tuple(self.images))
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    """Token ids decoded as one token batch (the first segment starts with BOS)."""
+
+    ids: list[int]
+
+    @property
+    def n_positions(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class ImageSegment:
+    """The rows of one image: `index` is its place among the prompt's images (0-based), `rows` its positions."""
+
+    image_key: str
+    index: int
+    rows: int = IMAGE_ROWS
+
+    @property
+    def n_positions(self) -> int:
+        return self.rows
+
+
+Segment = TextSegment | ImageSegment
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A conversation ready for the LLM.
+
+    `dropped_turns` oldest turns were left out to fit the context (the prompt covers turns[dropped_turns:]).
+    `max_new_tokens` is the room left for the answer: the requested count, capped by what the context still holds.
+    """
+
+    segments: list[Segment]
+    n_positions: int
+    dropped_turns: int
+    max_new_tokens: int
+    text: str
+
+    @property
+    def image_keys(self) -> list[str]:
+        """Image keys in prompt order, one per image segment (a key repeats if the image was given twice)."""
+        return [s.image_key for s in self.segments if isinstance(s, ImageSegment)]
+
+    def input_ids(self, placeholder: int = -1) -> list[int]:
+        """The reference processor's input_ids: token ids with `placeholder` in every image position."""
+        out: list[int] = []
+        for s in self.segments:
+            out.extend(s.ids if isinstance(s, TextSegment) else [placeholder] * s.rows)
+        return out
+
+
+@dataclass
+class _Parts:
+    """Text and images in order; consecutive texts are merged, so texts and images alternate."""
+
+    rows: int
+    items: list[str | ImageSegment] = field(default_factory=list)
+    n_images: int = 0
+
+    def text(self, s: str) -> None:
+        if not s:
+            return
+        if self.items and isinstance(self.items[-1], str):
+            self.items[-1] += s
+        else:
+            self.items.append(s)
+
+    def image(self, key: str) -> None:
+        self.items.append(ImageSegment(key, self.n_images, self.rows))
+        self.n_images += 1
+
+
+def render_text(turns: Sequence[Turn], template: PromptTemplate | None = None, system: str | None = None) -> str:
+    """The full prompt text, `<image>` marking each image: for display, logs and the all-torch reference path.
+
+    A last turn without answer ends the text with "AI: " (trailing space kept); answered turns end with their answer.
+    """
+    tpl = template or PromptTemplate()
+    parts = _layout(turns, tpl, tpl.system if system is None else system, IMAGE_ROWS)
+    return "".join(i if isinstance(i, str) else tpl.image for i in parts.items)
+
+
+def build_prompt(
+    turns: Sequence[Turn],
+    tokenize: Tokenize,
+    *,
+    template: PromptTemplate | None = None,
+    system: str | None = None,
+    n_ctx: int = N_CTX,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    min_new_tokens: int = MIN_NEW_TOKENS,
+    image_rows: int = IMAGE_ROWS,
+    bos_id: int = BOS_ID,
+) -> Prompt:
+    """Segments for the conversation `turns`, the last of which is the question being asked (answer None).
+
+    Room for `max_new_tokens` of answer is kept, capped so that the current turn alone fits with at least
+    `min_new_tokens` to spare; older turns are then added newest first while they fit, and the rest are dropped.
+    Raises PromptError for an empty question or a current turn that cannot fit.
+    """
+    if not turns:
+        raise PromptError("there is no question to ask")
+    if n_ctx <= 0 or image_rows <= 0 or min_new_tokens <= 0 or max_new_tokens <= 0:
+        raise ValueError("n_ctx, image_rows, min_new_tokens and max_new_tokens must be positive")
+    tpl = template or PromptTemplate()
+    sys_text = tpl.system if system is None else system
+    _validate(turns)
+
+    memo: dict[str, list[int]] = {}
+
+    def ids_of(chunk: str) -> list[int]:
+        if chunk not in memo:
+            memo[chunk] = list(tokenize(chunk))
+        return memo[chunk]
+
+    def plan(first: int) -> tuple[list[Segment], int, str]:
+        parts = _layout(turns[first:], tpl, sys_text, image_rows)
+        segments: list[Segment] = []
+        for item in parts.items:
+            if isinstance(item, str):
+                ids = ids_of(item)
+                if not segments:
+                    ids = [bos_id, *ids]
+                segments.append(TextSegment(ids))
+            else:
+                if not segments:  # an image first (empty system): BOS still comes first
+                    segments.append(TextSegment([bos_id]))
+                segments.append(item)
+        text = "".join(i if isinstance(i, str) else tpl.image for i in parts.items)
+        return segments, sum(s.n_positions for s in segments), text
+
+    last = len(turns) - 1
+    best = plan(last)
+    if best[1] + min_new_tokens > n_ctx:
+        raise PromptError(_too_big_message(turns[last], best[1], n_ctx, min_new_tokens, image_rows))
+    reserve = min(max_new_tokens, n_ctx - best[1])
+    first = last
+    while first > 0:
+        candidate = plan(first - 1)
+        if candidate[1] + reserve > n_ctx:
+            break
+        best, first = candidate, first - 1
+    segments, n_positions, text = best
+    return Prompt(
+        segments=segments,
+        n_positions=n_positions,
+        dropped_turns=first,
+        max_new_tokens=min(max_new_tokens, n_ctx - n_positions),
+        text=text,
+    )
+
+
+def _layout(turns: Sequence[Turn], tpl: PromptTemplate, system: str, rows: int) -> _Parts:
+    parts = _Parts(rows)
+    sep = ""
+    if system:
+        parts.text(system)
+        sep = "\n"
+    for turn in turns:
+        for key in turn.images:
+            parts.text(sep + tpl.human)
+            parts.image(key)
+            sep = "\n"
+        parts.text(sep + tpl.human + turn.question.strip() + "\n" + tpl.ai)
+        if turn.answer is not None:
+            parts.text(turn.answer.strip())
+        sep = "\n"
+    return parts
+
+
+def _validate(turns: Sequence[Turn]) -> None:
+    current = turns[-1]
+    if not current.question.strip():
+        raise PromptError("the question is empty: type what you want to know about the image")
+    if current.answer is not None:
+        raise PromptError("the last turn of the conversation is already answered; there is nothing to ask")
+    for number, turn in enumerate(turns[:-1], start=1):
+        if turn.answer is None:
+            raise PromptError(f"turn {number} of the conversation has no answer; only the last turn may be open")
+    for turn in turns:
+        if any(not isinstance(k, str) or not k for k in turn.images):
+            raise PromptError("an image of the conversation has no key")
+
+
+def _too_big_message(turn: Turn, positions: int, n_ctx: int, min_new: int, rows: int) -> str:
+    n_img = len(turn.images)
+    text_positions = positions - n_img * rows
+    room = n_ctx - min_new
+    if text_positions > room:
+        return (
+            f"the question is too long: with the system prompt it takes {text_positions} tokens, and the model's "
+            f"context holds {n_ctx} (at least {min_new} kept for the answer); shorten it by about "
+            f"{text_positions - room} tokens"
+        )
+    fit = (room - text_positions) // rows
+    return (
+        f"too many images for one question: {n_img} images take {n_img * rows} positions ({rows} each) and the "
+        f"text {text_positions} tokens, but the model's context holds {n_ctx} (at least {min_new} kept for the "
+        f"answer); at most {fit} image{'s' if fit != 1 else ''} fit with this question"
+    )

@@ -1,0 +1,235 @@
+"""The mPLUG-Owl prompt: exact text, reference-identical ids with a real SentencePiece model, context budget."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import sentencepiece as spm
+
+from owl_desktop.bundle import DEFAULT_SYSTEM, PromptTemplate
+from owl_desktop.devtools.tiny_checkpoint import train_tokenizer
+from owl_desktop.engine.prompt import ImageSegment, Prompt, TextSegment, Turn, build_prompt, render_text
+from owl_desktop.errors import PromptError
+
+SYS = DEFAULT_SYSTEM
+Q1, A1 = "What is in this picture?", "A cat sitting on a wooden chair near the window."
+Q2, A2 = "What colour is the cat?", "The cat is orange with white paws."
+Q3 = "Compare the two photos."
+
+
+@pytest.fixture(scope="session")
+def sp(tmp_path_factory: pytest.TempPathFactory) -> spm.SentencePieceProcessor:
+    path = train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+    proc = spm.SentencePieceProcessor(model_file=str(path))
+    assert (proc.bos_id(), proc.eos_id()) == (1, 2)
+    return proc
+
+
+def encode(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
+    return list(sp.encode(text))  # no BOS: SentencePiece adds none unless asked
+
+
+def reference_ids(sp: spm.SentencePieceProcessor, text: str, rows: int = 65) -> list[int]:
+    """The reference processor's _tokenize_prompt, written out: BOS, then each chunk split at <image>."""
+    ids = [1]
+    for chunk in [c for c in re.split("(<image>)", text) if c]:
+        ids += [-1] * rows if chunk == "<image>" else encode(sp, chunk)
+    return ids
+
+
+def three_turns() -> list[Turn]:
+    return [
+        Turn(["img-a"], Q1, A1),
+        Turn([], Q2, A2),
+        Turn(["img-b", "img-c"], Q3),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def test_text_one_image() -> None:
+    assert render_text([Turn(["k"], Q1)]) == f"{SYS}\nHuman: <image>\nHuman: {Q1}\nAI: "
+
+
+def test_text_two_images() -> None:
+    text = render_text([Turn(["k1", "k2"], Q3)])
+    assert text == f"{SYS}\nHuman: <image>\nHuman: <image>\nHuman: {Q3}\nAI: "
+
+
+def test_text_only() -> None:
+    assert render_text([Turn([], "Hello?")]) == f"{SYS}\nHuman: Hello?\nAI: "
+
+
+def test_text_three_turns() -> None:
+    expected = (
+        f"{SYS}\nHuman: <image>\nHuman: {Q1}\nAI: {A1}"
+        f"\nHuman: {Q2}\nAI: {A2}"
+        f"\nHuman: <image>\nHuman: <image>\nHuman: {Q3}\nAI: "
+    )
+    assert render_text(three_turns()) == expected
+
+
+def test_custom_system_and_whitespace() -> None:
+    turns = [Turn(["k"], "  Describe it.\n", " An owl. "), Turn([], "Why?")]
+    assert (
+        render_text(turns, system="Be brief.")
+        == "Be brief.\nHuman: <image>\nHuman: Describe it.\nAI: An owl.\nHuman: Why?\nAI: "
+    )
+    assert render_text([Turn([], "Hi")], system="") == "Human: Hi\nAI: "
+    tpl = PromptTemplate(system="S", human="User: ", ai="Bot: ")
+    assert render_text([Turn(["k"], "Hi")], template=tpl) == "S\nUser: <image>\nUser: Hi\nBot: "
+
+
+# ---------------------------------------------------------------------------------------------- ids
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [
+        [Turn(["k"], Q1)],
+        [Turn(["k1", "k2"], Q3)],
+        [Turn([], "Hello, how are you today?")],
+        three_turns(),
+    ],
+    ids=["one-image", "two-images", "text-only", "three-turns"],
+)
+def test_ids_match_reference_processor(sp: spm.SentencePieceProcessor, turns: list[Turn]) -> None:
+    prompt = build_prompt(turns, lambda t: encode(sp, t))
+    assert prompt.text == render_text(turns)
+    assert prompt.input_ids() == reference_ids(sp, prompt.text)
+    assert prompt.n_positions == len(prompt.input_ids())
+    assert prompt.dropped_turns == 0 and prompt.max_new_tokens == 512
+    # segments alternate text / image, BOS once at the very start, images in order with their keys
+    assert isinstance(prompt.segments[0], TextSegment) and prompt.segments[0].ids[0] == 1
+    assert sum(isinstance(s, TextSegment) and 1 in s.ids for s in prompt.segments) == 1
+    kinds = [type(s) for s in prompt.segments]
+    assert all(a is not b for a, b in zip(kinds, kinds[1:], strict=False))
+    keys = [k for t in turns for k in t.images]
+    assert prompt.image_keys == keys
+    images = [s for s in prompt.segments if isinstance(s, ImageSegment)]
+    assert [s.index for s in images] == list(range(len(keys)))
+    assert all(s.rows == 65 for s in images)
+
+
+def test_dummy_prefix_and_trailing_space(sp: spm.SentencePieceProcessor) -> None:
+    prompt = build_prompt([Turn(["k1", "k2"], Q1)], lambda t: encode(sp, t))
+    texts = [s for s in prompt.segments if isinstance(s, TextSegment)]
+    assert len(texts) == 3
+    for after_image in texts[1:]:
+        pieces = [sp.id_to_piece(i) for i in after_image.ids[:2]]
+        assert pieces == ["▁", "<0x0A>"]  # "\nHuman: …" tokenized alone: dummy prefix, then the newline byte
+    assert sp.id_to_piece(texts[-1].ids[-1]) == "▁"  # "AI: " keeps its trailing space
+    assert sp.decode(texts[0].ids[1:]) == f"{SYS}\nHuman: "  # the chunk before the image keeps its space
+
+
+def test_tokenizer_sees_only_text_chunks(sp: spm.SentencePieceProcessor) -> None:
+    seen: list[str] = []
+
+    def tokenize(text: str) -> list[int]:
+        seen.append(text)
+        return encode(sp, text)
+
+    build_prompt(three_turns(), tokenize)
+    assert seen and all("<image>" not in s for s in seen)
+    assert "\nHuman: " in seen  # the text between two images of one turn
+
+
+def test_typed_image_tag_is_text_not_a_slot(sp: spm.SentencePieceProcessor) -> None:
+    prompt = build_prompt([Turn(["k"], "What does <image> mean?")], lambda t: encode(sp, t))
+    assert prompt.image_keys == ["k"]
+    assert prompt.input_ids().count(-1) == 65
+    assert "What does <image> mean?" in sp.decode([i for i in prompt.input_ids() if i >= 0])
+
+
+def test_custom_image_rows_and_bos(sp: spm.SentencePieceProcessor) -> None:
+    prompt = build_prompt([Turn(["k"], Q1)], lambda t: encode(sp, t), image_rows=5, bos_id=7)
+    assert prompt.input_ids()[0] == 7
+    assert prompt.input_ids().count(-1) == 5
+
+
+# ---------------------------------------------------------------------------------------------- budget
+
+
+def cost(sp: spm.SentencePieceProcessor, turns: list[Turn], system: str = SYS) -> int:
+    return len(reference_ids(sp, render_text(turns, system=system)))
+
+
+def long_conversation(n: int) -> list[Turn]:
+    turns = [
+        Turn([f"img-{i}"] if i % 2 == 0 else [], f"Question number {i}: what do you see?", f"Answer {i}: " + A1 * 2)
+        for i in range(n)
+    ]
+    return [*turns, Turn(["img-now"], "And in this one?")]
+
+
+def test_drops_oldest_turns_to_fit(sp: spm.SentencePieceProcessor) -> None:
+    turns = long_conversation(12)
+    n_ctx, reserve = 700, 128
+    prompt = build_prompt(turns, lambda t: encode(sp, t), n_ctx=n_ctx, max_new_tokens=reserve)
+    k = prompt.dropped_turns
+    assert 0 < k < len(turns) - 1
+    # independent check: the kept turns are the longest suffix that fits with the answer's room
+    assert prompt.text == render_text(turns[k:])
+    assert prompt.input_ids() == reference_ids(sp, prompt.text)
+    assert prompt.n_positions == cost(sp, turns[k:]) and prompt.n_positions + reserve <= n_ctx
+    assert cost(sp, turns[k - 1 :]) + reserve > n_ctx
+    assert prompt.max_new_tokens == reserve
+    assert prompt.image_keys[-1] == "img-now"
+    assert prompt.image_keys == [key for t in turns[k:] for key in t.images]
+
+
+def test_nothing_dropped_when_it_fits(sp: spm.SentencePieceProcessor) -> None:
+    turns = long_conversation(3)
+    prompt = build_prompt(turns, lambda t: encode(sp, t))
+    assert prompt.dropped_turns == 0
+    assert prompt.max_new_tokens == 512
+
+
+def test_answer_room_is_capped_so_the_current_turn_fits(sp: spm.SentencePieceProcessor) -> None:
+    n = next(n for n in range(1, 40) if cost(sp, [Turn(["k"] * n, Q3)]) > 2048 - 512)  # the answer's room is cut
+    turns = [Turn(["old"], Q1, A1), Turn([f"k{i}" for i in range(n)], Q3)]
+    current = cost(sp, turns[-1:])
+    assert 2048 - 512 < current < 2048 - 16
+    prompt = build_prompt(turns, lambda t: encode(sp, t))
+    assert prompt.dropped_turns == 1
+    assert prompt.n_positions == current
+    assert prompt.max_new_tokens == 2048 - current
+    assert prompt.image_keys == [f"k{i}" for i in range(n)]
+
+
+def test_too_many_images_for_one_turn(sp: spm.SentencePieceProcessor) -> None:
+    turn = Turn([f"k{i}" for i in range(40)], Q3)
+    text_tokens = cost(sp, [turn]) - 40 * 65
+    fit = (2048 - 16 - text_tokens) // 65
+    with pytest.raises(PromptError, match=rf"too many images.*40 images.*at most {fit} images fit") as err:
+        build_prompt([Turn(["a"], Q1, A1), turn], lambda t: encode(sp, t))
+    assert "65 each" in str(err.value)
+
+
+def test_too_long_question(sp: spm.SentencePieceProcessor) -> None:
+    with pytest.raises(PromptError, match=r"question is too long.*shorten it by about \d+ tokens"):
+        build_prompt([Turn([], "the cat sat on the mat " * 400)], lambda t: encode(sp, t))
+
+
+@pytest.mark.parametrize("question", ["", "   ", "\n\t "])
+def test_empty_question(sp: spm.SentencePieceProcessor, question: str) -> None:
+    with pytest.raises(PromptError, match="question is empty"):
+        build_prompt([Turn(["k"], question)], lambda t: encode(sp, t))
+
+
+def test_malformed_conversations(sp: spm.SentencePieceProcessor) -> None:
+    tok = lambda t: encode(sp, t)  # noqa: E731
+    with pytest.raises(PromptError, match="no question"):
+        build_prompt([], tok)
+    with pytest.raises(PromptError, match="already answered"):
+        build_prompt([Turn([], Q1, A1)], tok)
+    with pytest.raises(PromptError, match="turn 1 .* no answer"):
+        build_prompt([Turn([], Q1), Turn([], Q2)], tok)
+
+
+def test_prompt_is_plain_data(sp: spm.SentencePieceProcessor) -> None:
+    prompt = build_prompt([Turn(("k",), Q1)], lambda t: encode(sp, t))
+    assert isinstance(prompt, Prompt)
+    assert Turn(["k"], Q1) == Turn(("k",), Q1)
