@@ -1,0 +1,175 @@
+"""`owl-desktop bench BENCHMARK`: speed and accuracy measurements, one sub-subcommand per benchmark.
+
+To add one, write `register_<name>(benchmarks)` that adds a parser with a `func`, and list it in BENCHMARKS.
+Heavy imports (torch, llama_cpp) happen inside the benchmark functions, so `owl-desktop --version` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "bench",
+        help="measure speed and accuracy of parts of the model",
+        description="Benchmarks. Each reports its figures on stdout; none needs real weights unless it says so.",
+    )
+    benchmarks = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for register_benchmark in BENCHMARKS:
+        register_benchmark(benchmarks)
+    parser.set_defaults(func=lambda args: _print_help(parser))
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# bench vision
+
+
+def register_vision(benchmarks: argparse._SubParsersAction) -> None:
+    p = benchmarks.add_parser(
+        "vision",
+        help="full-size ViT-L/14 + abstractor (random weights): ms per image in each dtype, accuracy vs fp32",
+        description=(
+            "Builds the full-size mPLUG-Owl v1 vision tower (ViT-L/14, 24 layers; abstractor, 6 layers; 4096-wide "
+            "output) with random weights of the real shapes and times VisionEncoder.encode in each dtype the device "
+            "offers, at each batch size. Reports the largest output difference of each dtype against fp32 and the "
+            "dtype the default settings choose. Leaves torch's thread count alone unless --threads is given."
+        ),
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtypes", nargs="+", choices=("fp32", "fp16", "bf16"), help="dtypes to time (default: offered)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4], metavar="B", help="default: 1 4")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case after one warm-up run (default 3)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_vision)
+
+
+def offered_dtypes(device: Any) -> list[str]:
+    """fp32 everywhere; bf16 on the CPU; fp16 on GPUs (and bf16 on CUDA GPUs that support it)."""
+    import torch
+
+    if device.type == "cuda":
+        return ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    if device.type == "mps":
+        return ["fp32", "fp16"]
+    return ["fp32", "bf16"]
+
+
+def run_vision(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from owl_desktop.engine import vision
+    from owl_desktop.model_config import OwlConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = vision.select_device(args.device)
+    default_dtype = vision.dtype_name(vision.select_dtype(device, "auto"))
+    dtypes = args.dtypes or offered_dtypes(device)
+    if "fp32" not in dtypes:
+        dtypes = ["fp32", *dtypes]  # the baseline for speed ratios and output differences
+    batch_sizes = sorted({b for b in args.batch_sizes if b > 0}) or [1]
+
+    cfg = OwlConfig()
+    v, a = cfg.vision, cfg.abstractor
+    print(
+        f"vision tower: ViT {v.hidden_size}/{v.intermediate_size}, {v.num_hidden_layers} layers, "
+        f"{v.num_attention_heads} heads, {v.num_positions} tokens; abstractor {a.hidden_size}/{a.intermediate_size}, "
+        f"{a.num_hidden_layers} layers; output [B, {cfg.image_rows}, {cfg.text.hidden_size}]; random weights"
+    )
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if device.type == "cpu":
+        where += (
+            f" ({torch.backends.cpu.get_cpu_capability()}, native bf16: "
+            f"{'yes' if vision.cpu_has_native_bf16() else 'no'}, {torch.get_num_threads()} threads)"
+        )
+    print(f"device: {where}; the default settings choose {default_dtype}")
+
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = vision.OwlVision(cfg)
+    model.to_empty(device="cpu")
+    vision.init_random_(model, seed=args.seed)
+    state = model.state_dict()
+    del model
+    n_params = sum(t.numel() for t in state.values())
+    print(f"built {n_params / 1e6:.1f} M random parameters in {time.perf_counter() - t0:.1f} s")
+    g = torch.Generator().manual_seed(args.seed + 1)
+    pixels = torch.randn(max(batch_sizes), 3, v.image_size, v.image_size, generator=g)  # CLIP-normalised scale
+
+    encoders = {name: vision.VisionEncoder.from_state_dict(state, cfg, str(device), name) for name in dtypes}
+    cases = [(name, b) for name in dtypes for b in batch_sizes]
+    outputs = {name: enc.encode(pixels) for name, enc in encoders.items()}  # also the warm-up run of each dtype
+    for name, b in cases:
+        encoders[name].encode(pixels[:b], batch_size=b)  # warm-up of each shape
+    # Round-robin over the cases, so that a burst of load from other processes hits every case alike.
+    times: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
+    for _ in range(max(1, args.repeats)):
+        for name, b in cases:
+            t = time.perf_counter()
+            encoders[name].encode(pixels[:b], batch_size=b)
+            times[name, b].append((time.perf_counter() - t) * 1000 / b)
+    del encoders
+    ms = {case: statistics.median(ts) for case, ts in times.items()}
+
+    print(f"\n{'dtype':<6} {'batch':>5} {'ms/image':>10} {'(min)':>8} {'vs fp32':>8}   (median of {args.repeats} runs)")
+    for name, b in cases:
+        ratio = ms["fp32", b] / ms[name, b]
+        print(f"{name:<6} {b:>5} {ms[name, b]:>10.1f} {min(times[name, b]):>8.1f} {ratio:>7.2f}x")
+
+    ref = outputs["fp32"]
+    print(f"\naccuracy on {len(pixels)} images vs fp32 (max |fp32 output| = {np.abs(ref).max():.3f}):")
+    print(f"{'dtype':<6} {'max |Δ|':>10} {'rel RMS Δ':>10} {'min cos':>10}")
+    for name, out in outputs.items():
+        diff = out - ref
+        cos = (out * ref).sum(-1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1))
+        rel = np.linalg.norm(diff) / np.linalg.norm(ref)
+        print(f"{name:<6} {np.abs(diff).max():>10.4f} {rel:>10.5f} {cos.min():>10.6f}")
+
+    if default_dtype in dtypes:
+        print(f"\ndefault settings ({device.type}, {default_dtype}):")
+        for b in batch_sizes:
+            speedup = ms["fp32", b] / ms[default_dtype, b]
+            fp32 = ms["fp32", b]
+            print(f"  batch {b}: {ms[default_dtype, b]:.1f} ms/image, {speedup:.2f}x fp32 ({fp32:.1f} ms/image)")
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# bench convert (the measurement lives in owl_desktop/convert/bench.py)
+
+
+def register_convert(benchmarks: argparse._SubParsersAction) -> None:
+    p = benchmarks.add_parser(
+        "convert",
+        help="peak memory and time of converting a few-GB random checkpoint (per quantization)",
+        description=(
+            "Converts a random mPLUG-Owl checkpoint of a few GB (generated once into the cache dir) in a child "
+            "process per quantization while sampling its memory; reports peak RSS, anonymous and file-backed RSS, "
+            "their ratios to the checkpoint's size, ru_maxrss and the time."
+        ),
+    )
+    p.add_argument("--quants", nargs="+", default=["Q4_K_M", "F16"], type=str.upper, metavar="Q")
+    p.add_argument("--compare-pages", action="store_true", help="also convert without releasing checkpoint pages")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from owl_desktop.convert.bench import run_bench
+
+    print(run_bench(args.quants, compare_pages=args.compare_pages))
+    return 0
+
+
+BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [register_vision, register_convert]

@@ -1,0 +1,529 @@
+"""The mPLUG-Owl v1 vision tower in torch: ViT-L/14 + visual abstractor → 65 image rows for the LLM.
+
+This is the only module of the app that defines torch modules. Parameter names and shapes equal those of the
+released HF checkpoint (`vision_model.*`, `abstractor.*`, `query_tokens`), so `vision.safetensors` loads with
+`load_state_dict(strict=True)`. The maths follows the reference code exactly (mplug-owl-reference.md §1):
+
+    px [B,3,224,224] ─ViT (pre-LN, quick_gelu, per-head interleaved fused QKV)─ post-LN on all 257 tokens
+    query_tokens [1,64,D] ─abstractor layers (one attention over [queries; image])─ visual_fc ─ + vit_eos
+    → [B, 65, n_embd]
+
+Every LayerNorm runs in float32 and casts back (the reference's LayerNormFp32), and its parameters stay float32
+whatever the compute dtype. `VisionEncoder` picks the device (CUDA → MPS → CPU) and dtype (fp16 on GPUs; bf16 on
+CPUs with native bf16 matmul, else fp32), loads the weights strictly and encodes batches of images.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from owl_desktop.errors import BundleError, EngineError
+from owl_desktop.model_config import ABSTRACTOR_ATTN_LN_EPS, AbstractorConfig, OwlConfig, VisionConfig
+from owl_desktop.tasks import Task
+
+# -----------------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's GELU approximation x·σ(1.702x); the reference hard-codes it whatever the config says."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class LayerNormFp32(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back to the input dtype (the reference's LayerNormFp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# ViT-L/14 (`vision_model.*`)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.patch_embed = nn.Conv2d(cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Parameter(torch.zeros(1, cfg.num_positions, d))
+        self.pre_layernorm = LayerNormFp32(d, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        b = pixel_values.shape[0]
+        x = self.patch_embed(pixel_values)  # [B, D, 16, 16]
+        x = x.flatten(2).transpose(1, 2)  # [B, 256, D] patches in raster order
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)  # [B, 257, D]
+        x = x + self.position_embedding[:, : x.shape[1]]  # [B, 257, D]
+        return self.pre_layernorm(x)
+
+
+class VisionAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV whose output rows interleave [q_h, k_h, v_h] per head."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.head_dim = d // self.n_head
+        self.query_key_value = nn.Linear(d, 3 * d)
+        self.dense = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        qkv = self.query_key_value(x).view(b, s, self.n_head, 3, self.head_dim)  # [B, S, H, 3, hd]
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, H, S, hd]
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, S, hd]; scale hd^-0.5, no mask
+        y = y.transpose(1, 2).reshape(b, s, d)  # [B, S, D]
+        return self.dense(y)
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)))  # [B, S, I] inside
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.input_layernorm = LayerNormFp32(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.post_attention_layernorm = LayerNormFp32(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))  # [B, S, D]
+        x = x + self.mlp(self.post_attention_layernorm(x))  # [B, S, D]
+        return x
+
+
+class VisionEncoderStack(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class VisionModel(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.embeddings = VisionEmbeddings(cfg)
+        self.encoder = VisionEncoderStack(cfg)
+        self.post_layernorm = LayerNormFp32(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixel_values)  # [B, 257, D]
+        x = self.encoder(x)  # [B, 257, D]
+        return self.post_layernorm(x)  # [B, 257, D]: all tokens, CLS included
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# visual abstractor (`abstractor.*`)
+
+
+class AbstractorAttention(nn.Module):
+    """Queries attend over [queries; image tokens]: self- and cross-attention in one softmax."""
+
+    def __init__(self, cfg: AbstractorConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.head_dim = d // self.n_head
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(cfg.encoder_hidden_size, d)
+        self.value = nn.Linear(cfg.encoder_hidden_size, d)
+
+    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
+        b, nq, d = q_in.shape
+        nkv = kv_in.shape[1]
+        q = self.query(q_in).view(b, nq, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, 64, hd]
+        k = self.key(kv_in).view(b, nkv, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, 321, hd]
+        v = self.value(kv_in).view(b, nkv, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, 321, hd]
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, 64, hd]; scale 1/sqrt(hd), masks are all zeros
+        return y.transpose(1, 2).reshape(b, nq, d)  # [B, 64, D]
+
+
+class AbstractorMLP(nn.Module):
+    """SwiGLU with a LayerNorm on the gated hidden state; all Linears have biases."""
+
+    def __init__(self, cfg: AbstractorConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_ln = LayerNormFp32(cfg.intermediate_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.w1(x)) * self.w3(x)  # [B, 64, I]
+        return self.w2(self.ffn_ln(h))  # [B, 64, D]
+
+
+class AbstractorOutput(nn.Module):
+    def __init__(self, cfg: AbstractorConfig) -> None:
+        super().__init__()
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm2 = LayerNormFp32(cfg.hidden_size, eps=ABSTRACTOR_ATTN_LN_EPS)
+        self.mlp = AbstractorMLP(cfg)
+
+    def forward(self, ctx: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        h = q + self.out_proj(ctx)  # [B, 64, D]; the residual is the *normed* queries
+        return h + self.mlp(self.norm2(h))  # [B, 64, D]
+
+
+class AbstractorCrossAttention(nn.Module):
+    def __init__(self, cfg: AbstractorConfig) -> None:
+        super().__init__()
+        self.norm1 = LayerNormFp32(cfg.hidden_size, eps=ABSTRACTOR_ATTN_LN_EPS)
+        self.normk = LayerNormFp32(cfg.hidden_size, eps=ABSTRACTOR_ATTN_LN_EPS)
+        self.attention = AbstractorAttention(cfg)
+        self.output = AbstractorOutput(cfg)
+
+    def forward(self, h: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        q = self.norm1(h)  # [B, 64, D]
+        kv = torch.cat([q, self.normk(img)], dim=1)  # [B, 64 + 257, D]
+        return self.output(self.attention(q, kv), q)  # [B, 64, D]
+
+
+class AbstractorLayer(nn.Module):
+    def __init__(self, cfg: AbstractorConfig) -> None:
+        super().__init__()
+        self.crossattention = AbstractorCrossAttention(cfg)
+
+    def forward(self, h: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        return self.crossattention(h, img)
+
+
+class AbstractorEncoderStack(nn.Module):
+    def __init__(self, cfg: AbstractorConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(AbstractorLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, h: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, img)
+        return h
+
+
+class VisualAbstractor(nn.Module):
+    def __init__(self, cfg: AbstractorConfig, text_hidden: int) -> None:
+        super().__init__()
+        self.encoder = AbstractorEncoderStack(cfg)
+        self.visual_fc = nn.Linear(cfg.hidden_size, text_hidden)
+        self.vit_eos = nn.Parameter(torch.zeros(1, 1, text_hidden))
+
+    def forward(self, queries: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(queries, img)  # [B, 64, D]
+        out = self.visual_fc(h)  # [B, 64, n_embd]
+        eos = self.vit_eos.expand(out.shape[0], -1, -1)  # [B, 1, n_embd]
+        return torch.cat([out, eos], dim=1)  # [B, 65, n_embd]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the whole vision tower
+
+
+def check_config(config: OwlConfig) -> None:
+    """Raise ValueError if the dimensions cannot describe an mPLUG-Owl v1 vision tower."""
+    v, a = config.vision, config.abstractor
+    if not (v.hidden_size == a.hidden_size == a.encoder_hidden_size):
+        raise ValueError(
+            f"vision hidden size {v.hidden_size}, abstractor hidden size {a.hidden_size} and its "
+            f"encoder_hidden_size {a.encoder_hidden_size} must be equal"
+        )
+    heads = {"vision": (v.hidden_size, v.num_attention_heads), "abstractor": (a.hidden_size, a.num_attention_heads)}
+    for name, (d, h) in heads.items():
+        if h <= 0 or d % h:
+            raise ValueError(f"{name} hidden size {d} is not a multiple of its {h} attention heads")
+    if v.image_size % v.patch_size:
+        raise ValueError(f"image size {v.image_size} is not a multiple of the patch size {v.patch_size}")
+    if config.num_query_tokens <= 0:
+        raise ValueError(f"num_query_tokens must be positive, not {config.num_query_tokens}")
+
+
+class OwlVision(nn.Module):
+    """ViT + abstractor + learned queries: pixel values [B,3,224,224] → image rows [B, 65, n_embd]."""
+
+    def __init__(self, config: OwlConfig) -> None:
+        super().__init__()
+        check_config(config)
+        self.config = config
+        self.vision_model = VisionModel(config.vision)
+        self.abstractor = VisualAbstractor(config.abstractor, config.text.hidden_size)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.abstractor.hidden_size))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        img = self.vision_model(pixel_values)  # [B, 257, D]
+        queries = self.query_tokens.expand(img.shape[0], -1, -1)  # [B, 64, D]
+        return self.abstractor(queries, img)  # [B, 65, n_embd]
+
+
+def _layernorm_param_names(model: nn.Module) -> set[str]:
+    return {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, LayerNormFp32) for p in ("weight", "bias")}
+
+
+def init_random_(model: OwlVision, seed: int = 0) -> OwlVision:
+    """Fill every parameter with random values of a realistic scale (benchmarks and tests; no weights needed).
+
+    Linear and conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02), LayerNorm weights ~ N(1, 0.1) and biases
+    ~ N(0, 0.1), embeddings and learned vectors ~ N(0, 0.5): none keeps a default that could hide a bug.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ln_params = _layernorm_param_names(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            cpu = torch.empty(p.shape, dtype=torch.float32)
+            if name in ln_params:
+                cpu.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=g)
+            elif name.endswith("weight") and p.dim() >= 2:
+                cpu.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+            elif name.endswith("bias"):
+                cpu.normal_(0.0, 0.02, generator=g)
+            else:  # cls_token, position_embedding, query_tokens, vit_eos
+                cpu.normal_(0.0, 0.5, generator=g)
+            p.copy_(cpu)
+    return model
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# device and dtype selection
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """The torch device: `auto` picks CUDA, then MPS (Apple GPUs), then the CPU; cuda, cuda:N, mps or cpu force one."""
+    pref = (preference or "auto").strip().lower()
+    if pref == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(pref)
+    except RuntimeError as exc:
+        raise EngineError(f"unknown device '{preference}': use auto, cuda, mps or cpu") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device 'cuda' was asked for, but this torch build sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EngineError(f"device '{preference}' was asked for, but there are {torch.cuda.device_count()} CUDA GPUs")
+    if device.type == "mps" and not mps_available():
+        raise EngineError("device 'mps' was asked for, but Metal (MPS) is not available")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise EngineError(f"unsupported device '{preference}': use auto, cuda, mps or cpu")
+    return device
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on x86 CPUs with AVX512_BF16 or AMX-BF16, where oneDNN runs bf16 matmuls natively (≈4× fp32 here)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
+        return False  # ARM bf16 paths are not measured; fp32 is the safe default there
+    try:  # torch's own cpuinfo probe works on every OS
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        flags = _cpuinfo_flags()
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def select_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
+    """The compute dtype: `auto` is fp16 on CUDA and MPS; on the CPU bf16 where matmuls run natively in bf16, else
+    fp32. fp32, fp16 or bf16 (also float32, float16, bfloat16) force one.
+    """
+    pref = (preference or "auto").strip().lower()
+    if pref != "auto":
+        if pref not in _DTYPES:
+            raise EngineError(f"unknown dtype '{preference}': use auto, fp32, fp16 or bf16")
+        return _DTYPES[pref]
+    if device.type in ("cuda", "mps"):
+        return torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# loading and encoding
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], source: str) -> None:
+    """Raise BundleError naming the first missing, unexpected, mis-shaped or non-float tensor."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    problems = []
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        problems.append(f"missing tensor '{missing[0]}'{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        problems.append(f"unexpected tensor '{unexpected[0]}'{more}")
+    for k, shape in expected.items():
+        t = state_dict.get(k)
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(shape):
+            problems.append(f"tensor '{k}' has shape {list(t.shape)}, expected {list(shape)}")
+        elif not t.is_floating_point():
+            problems.append(f"tensor '{k}' has dtype {t.dtype}, expected a floating-point type")
+    if problems:
+        raise BundleError(f"{source} does not match the model config: " + "; ".join(problems))
+
+
+class VisionEncoder:
+    """The loaded vision tower on one device in one dtype: pixel values → float32 image rows for llama.cpp."""
+
+    def __init__(self, model: OwlVision, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model.eval()
+        self._device = device
+        self._dtype = dtype
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, config: OwlConfig, device: str = "auto", dtype: str = "auto", task: Task | None = None
+    ) -> VisionEncoder:
+        """Load a bundle's vision.safetensors strictly (names and shapes must equal the config's model)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if task is not None:
+            task.check()
+            task.report("loading vision weights", 0, 1)
+        if not path.is_file():
+            raise BundleError(f"vision weights not found: {path}")
+        try:
+            state_dict = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BundleError(f"cannot read vision weights {path}: {exc}") from exc
+        encoder = cls.from_state_dict(state_dict, config, device=device, dtype=dtype, source=path.name)
+        if task is not None:
+            task.report("loading vision weights", 1, 1)
+        return encoder
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        config: OwlConfig,
+        device: str = "auto",
+        dtype: str = "auto",
+        source: str = "state dict",
+    ) -> VisionEncoder:
+        """Build the model around `state_dict` (any float dtype), checked strictly, on the chosen device/dtype."""
+        dev = select_device(device)
+        dt = select_dtype(dev, dtype)
+        try:
+            with torch.device("meta"):
+                model = OwlVision(config)
+        except ValueError as exc:
+            raise BundleError(f"invalid vision config: {exc}") from exc
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        check_state_dict(state_dict, expected, source)
+        ln = _layernorm_param_names(model)
+        # LayerNorm parameters stay float32 (they are applied in float32); everything else takes the compute dtype.
+        converted = {k: state_dict[k].to(device=dev, dtype=torch.float32 if k in ln else dt) for k in expected}
+        model.load_state_dict(converted, strict=True, assign=True)
+        return cls(model, dev, dt)
+
+    @property
+    def config(self) -> OwlConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def description(self) -> str:
+        """Short label for the UI and logs, e.g. "cpu, bf16"."""
+        return f"{self._device.type}, {dtype_name(self._dtype)}"
+
+    @property
+    def n_embd(self) -> int:
+        return self.config.text.hidden_size
+
+    @property
+    def image_rows(self) -> int:
+        return self.config.image_rows
+
+    def __repr__(self) -> str:
+        return f"VisionEncoder({self.description})"
+
+    def encode(
+        self, pixel_values: torch.Tensor | np.ndarray, batch_size: int = 8, task: Task | None = None
+    ) -> np.ndarray:
+        """Pixel values [B,3,224,224] (CLIP-normalised float32) → C-contiguous float32 array [B, 65, n_embd].
+
+        Images run `batch_size` at a time; `task` gets progress in images and may cancel between batches.
+        """
+        px = torch.as_tensor(pixel_values)
+        v = self.config.vision
+        want = (v.num_channels, v.image_size, v.image_size)
+        if px.dim() != 4 or tuple(px.shape[1:]) != want:
+            raise ValueError(f"pixel values must have shape [B, {', '.join(map(str, want))}], not {list(px.shape)}")
+        n = px.shape[0]
+        out = np.empty((n, self.image_rows, self.n_embd), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, n, max(1, batch_size)):
+                if task is not None:
+                    task.check()
+                    task.report("encoding images", start, n, "images")
+                chunk = px[start : start + batch_size].to(device=self._device, dtype=self._dtype)
+                rows = self.model(chunk)  # [b, 65, n_embd]
+                if not bool(torch.isfinite(rows).all()):
+                    raise EngineError(
+                        f"the vision encoder produced non-finite values in {dtype_name(self._dtype)} on "
+                        f"{self._device.type}; try the fp32 dtype"
+                    )
+                out[start : start + chunk.shape[0]] = rows.float().cpu().numpy()
+        if task is not None:
+            task.report("encoding images", n, n, "images")
+        return out
