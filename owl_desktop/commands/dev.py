@@ -29,16 +29,8 @@ def register(sub: Any) -> None:
     make.set_defaults(func=_make_checkpoint)
 
 
-def _human_size(n: float) -> str:
-    for suffix in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or suffix == "GiB":
-            return f"{n:.0f} {suffix}" if suffix == "B" else f"{n:.1f} {suffix}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def _make_checkpoint(args: argparse.Namespace) -> int:
-    from owl_desktop.commands.progress import ProgressLine
+    from owl_desktop.commands.progress import ProgressLine, human_size
     from owl_desktop.devtools.tiny_checkpoint import directory_size, lora_adapter_dir, make_checkpoint
     from owl_desktop.tasks import Task
 
@@ -49,9 +41,9 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     elapsed = time.monotonic() - start
-    size = _human_size(directory_size(out))
+    size = human_size(directory_size(out))
     print(f"wrote {args.preset} checkpoint ({args.variant}) to {out}: {size} in {elapsed:.1f} s")
     if args.variant == "lora":
         adapter = lora_adapter_dir(out)
-        print(f"wrote LoRA adapter to {adapter}: {_human_size(directory_size(adapter))}")
+        print(f"wrote LoRA adapter to {adapter}: {human_size(directory_size(adapter))}")
     return 0

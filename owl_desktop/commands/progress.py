@@ -9,7 +9,8 @@ from typing import TextIO
 from owl_desktop.tasks import Progress
 
 
-def _human(n: float, unit: str) -> str:
+def human_size(n: float, unit: str = "B") -> str:
+    """`n` with its unit; bytes in B/KiB/MiB/GiB/TiB."""
     if unit != "B":
         return f"{n:.0f}{(' ' + unit) if unit else ''}"
     for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -46,9 +47,10 @@ class ProgressLine:
             width = 30
             filled = int(width * p.fraction)
             bar = "#" * filled + "-" * (width - filled)
-            text = f"{p.stage:<28} [{bar}] {p.fraction * 100:5.1f}% {_human(p.done, p.unit)}/{_human(p.total or 0, p.unit)}"
+            amount = f"{human_size(p.done, p.unit)}/{human_size(p.total or 0, p.unit)}"
+            text = f"{p.stage:<28} [{bar}] {p.fraction * 100:5.1f}% {amount}"
         else:
-            text = f"{p.stage:<28} {_human(p.done, p.unit)}"
+            text = f"{p.stage:<28} {human_size(p.done, p.unit)}"
         self.stream.write("\r" + text[:110].ljust(110))
         if done_now:
             self.stream.write("\n")

@@ -1,0 +1,89 @@
+"""Command-line flags shared by the commands that run the model (ask, chat, demo, bench engine)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from owl_desktop.errors import OwlError
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--n-ctx", type=int, default=2048, metavar="N", help="context positions (default: %(default)s)")
+    g.add_argument("--threads", type=int, metavar="N", help="LLM threads (default: physical cores)")
+    g.add_argument("--gpu-layers", type=int, default=-1, metavar="N", help="LLM layers on the GPU (-1: all)")
+    g.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto")
+    g.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0", "f32"), default="f16", help="KV cache type")
+    g.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="vision encoder device")
+    g.add_argument(
+        "--vision-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="vision dtype"
+    )
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--repeat-penalty", type=float, default=1.1)
+    g.add_argument("--no-repeat-ngram", type=int, default=2, metavar="N", help="ban repeating n-grams (0: off)")
+    g.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    g.add_argument("--greedy", action="store_true", help="pure argmax, every penalty off")
+    g.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
+
+
+def engine_settings(args: argparse.Namespace) -> Any:
+    from owl_desktop.engine.llm import LlmSettings
+    from owl_desktop.engine.pipeline import EngineSettings
+
+    llm = LlmSettings(
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        n_gpu_layers=args.gpu_layers,
+        flash_attn=args.flash_attn,
+        kv_type=args.kv_type,
+    )
+    return EngineSettings(llm=llm, vision_device=args.device, vision_dtype=args.vision_dtype)
+
+
+def sampling(args: argparse.Namespace) -> Any:
+    from owl_desktop.engine.llm import Sampling
+
+    return Sampling(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        no_repeat_ngram=args.no_repeat_ngram,
+        seed=args.seed,
+        greedy=args.greedy,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def read_conversation(path: Path) -> list[Any]:
+    """Earlier turns: [{"images": [paths], "question": "...", "answer": "..."}], paths relative to the file."""
+    from owl_desktop.engine.pipeline import HistoryTurn
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise OwlError(f"cannot read the conversation {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise OwlError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, list):
+        raise OwlError(f"{path}: a conversation is a JSON list of turns")
+    turns = []
+    for i, t in enumerate(raw, 1):
+        if not isinstance(t, dict) or not isinstance(t.get("question"), str) or not isinstance(t.get("answer"), str):
+            raise OwlError(f"{path}: turn {i} needs a 'question' and an 'answer' (strings)")
+        images = t.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+            raise OwlError(f"{path}: turn {i} 'images' must be a list of file paths")
+        turns.append(HistoryTurn([path.parent / x for x in images], t["question"], t["answer"]))
+    return turns

@@ -1,0 +1,468 @@
+"""The language model in llama.cpp: the only module that touches llama.cpp's C API.
+
+A prompt is an ordered list of segments, token ids or embedding rows (65 per image). Each segment gets its
+own `llama_decode` calls (a batch holds tokens or embeddings, never both), chunked to n_batch (a bigger batch
+aborts the process). Every KV position is keyed by its token id or by (image hash, row), so a follow-up turn
+only prefills what changed. Generation streams UTF-8-safe text pieces and stops within one token on cancel.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as L
+import numpy as np
+
+from owl_desktop.errors import Cancelled, EngineError, PromptError
+
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q5_0": 6, "q5_1": 7, "q4_1": 3, "bf16": 30}
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int | None = None  # None: the number of physical cores (decode is memory-bound)
+    n_gpu_layers: int = -1  # -1: every layer when the build has a GPU backend
+    flash_attn: str = "auto"  # "auto" | "on" | "off" ("off" is exact against a float32 reference)
+    kv_type: str = "f16"  # f16 | q8_0 | q4_0 | f32 … (a quantized V cache needs flash attention)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    no_repeat_ngram: int = 2  # ban a token that would repeat an n-gram already generated (reference demo: 2)
+    seed: int | None = None  # None: a fresh random seed
+    greedy: bool = False  # pure argmax, every penalty and ban off
+    max_new_tokens: int = 512
+
+    def resolved_seed(self) -> int:
+        if self.seed is not None:
+            return int(self.seed) & 0xFFFFFFFF
+        return int.from_bytes(os.urandom(4), "little")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    rows: np.ndarray  # [n, n_embd] float32
+    key: str  # identity of the rows (image sha256 + bundle id): KV reuse matches (key, row)
+
+
+Segment = Tokens | Embeddings
+
+
+@dataclass
+class GenerationStats:
+    prompt_positions: int = 0  # positions in the context after prefill
+    reused_positions: int = 0  # of those, kept from the previous call
+    prefill_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    decode_tokens: int = 0
+    decode_ms: float = 0.0
+    stop_reason: str = ""  # "eos" | "length" | "cancelled" | "context"
+    seed: int = 0
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / (self.decode_ms / 1000) if self.decode_ms > 0 else 0.0
+
+    @property
+    def context_used(self) -> int:
+        return self.prompt_positions + self.decode_tokens
+
+
+_LOG_LEVEL_ERROR = 4
+_log_lines: list[str] = []
+
+
+def _on_log(level: int, text: bytes, _user: Any) -> None:
+    # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Keep the last errors for our messages.
+    if level >= _LOG_LEVEL_ERROR and text:
+        _log_lines.append(text.decode("utf-8", "replace").strip())
+        del _log_lines[:-20]
+
+
+_LOG_CALLBACK = L.llama_log_callback(_on_log)  # module-level: a collected ctypes callback would dangle
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+            L.llama_backend_init()
+            _backend_ready = True
+
+
+def _last_error() -> str:
+    return _log_lines[-1] if _log_lines else "see the log"
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # noqa: BLE001 - psutil is optional here; fall back to the logical count
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+def gpu_offload_supported() -> bool:
+    return bool(L.llama_supports_gpu_offload())
+
+
+def build_has_amx() -> bool:
+    """Whether this llama.cpp build carries AMX kernels (a -march=native build on a CPU that reports AMX)."""
+    return b"AMX_INT8 = 1" in L.llama_print_system_info()
+
+
+def read_gguf_architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file without loading it (a clear error for a foreign or broken file)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field_ = reader.fields["general.architecture"]
+        return bytes(field_.parts[field_.data[0]]).decode("utf-8")
+    except KeyError as exc:
+        raise EngineError(f"{path.name} has no architecture: not a language model GGUF") from exc
+    except (ValueError, OSError) as exc:
+        raise EngineError(f"{path.name} is not a readable GGUF file ({exc})") from exc
+
+
+class LlamaEngine:
+    """One llama.cpp model + context, used by one thread at a time."""
+
+    def __init__(self, path: Path, settings: LlmSettings | None = None) -> None:
+        self.settings = settings or LlmSettings()
+        s = self.settings
+        arch = read_gguf_architecture(path)
+        if arch != "llama":
+            raise EngineError(f"{path.name} holds a '{arch}' model; mPLUG-Owl needs a LLaMA GGUF")
+        _init_backend()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = s.n_gpu_layers if gpu_offload_supported() else 0
+        # AMX weight buffers die with SIGILL where the CPU reports AMX but the kernel or hypervisor does not enable
+        # it (seen on our virtual machines). Keep quantized weights in plain buffers when the build has AMX.
+        mp.use_extra_bufts = not build_has_amx()
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise EngineError(f"llama.cpp could not load {path.name}: {_last_error()}")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(L.llama_model_n_embd_inp(self.model))
+        self.eos = int(L.llama_vocab_eos(self.vocab))
+        self.bos = int(L.llama_vocab_bos(self.vocab))
+
+        threads = s.n_threads or physical_cores()
+        self.threads = threads
+        self.gpu_offload = gpu_offload_supported() and s.n_gpu_layers != 0
+        cp = L.llama_context_default_params()
+        cp.n_ctx = s.n_ctx
+        cp.n_batch = s.n_batch
+        cp.n_ubatch = s.n_batch
+        cp.n_seq_max = 1
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.embeddings = False
+        cp.no_perf = True
+        if s.flash_attn not in FLASH_ATTN:
+            raise EngineError(f"flash attention must be one of {', '.join(FLASH_ATTN)}, not '{s.flash_attn}'")
+        if s.kv_type not in KV_TYPES:
+            raise EngineError(f"KV cache type must be one of {', '.join(KV_TYPES)}, not '{s.kv_type}'")
+        cp.flash_attn_type = FLASH_ATTN[s.flash_attn]
+        cp.type_k = cp.type_v = KV_TYPES[s.kv_type]
+        self._abort = threading.Event()
+        self._abort_cb = L.ggml_abort_callback(lambda _data: self._abort.is_set())  # keep a reference
+        cp.abort_callback = self._abort_cb
+        cp.abort_callback_data = None
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise EngineError(f"llama.cpp could not create a context ({s.n_ctx} positions): {_last_error()}")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.n_ctx = int(L.llama_n_ctx(self.ctx))
+        self.n_batch = int(L.llama_n_batch(self.ctx))
+        self._tbatch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._ebatch = L.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self._keys: list[Any] = []  # identity of each KV position: token id or (key, row)
+        self._lock = threading.Lock()
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._closed = False
+
+    # ---------------------------------------------------------------- vocabulary
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """SentencePiece ids of `text`, as the reference tokenizer gives them for one chunk (no special parsing)."""
+        data = text.encode("utf-8")
+        n = len(data) + 8
+        buf = (L.llama_token * n)()
+        k = L.llama_tokenize(self.vocab, data, len(data), buf, n, add_bos, False)
+        if k < 0:
+            n = -k
+            buf = (L.llama_token * n)()
+            k = L.llama_tokenize(self.vocab, data, len(data), buf, n, add_bos, False)
+        return list(buf[:k])
+
+    def token_bytes(self, token: int) -> bytes:
+        n = L.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of a run of generated ids (leading space of the first piece removed, as SentencePiece does)."""
+        text = b"".join(self.token_bytes(t) for t in ids).decode("utf-8", "replace")
+        return text[1:] if text.startswith(" ") else text
+
+    # ---------------------------------------------------------------- decoding
+
+    def _check_decode(self, rc: int) -> None:
+        if rc == 0:
+            return
+        self._resync_keys()
+        if rc == 2:
+            raise Cancelled()
+        if rc == 1:
+            raise PromptError("the context is full: no room left in the KV cache")
+        raise EngineError(f"llama_decode failed (code {rc}): {_last_error()}")
+
+    def _fill(self, batch: Any, i: int, pos: int, logits: bool) -> None:
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = 1 if logits else 0
+
+    def _decode_tokens(self, ids: Sequence[int], pos: int, logits_last: bool) -> int:
+        b = self._tbatch
+        for off in range(0, len(ids), self.n_batch):
+            chunk = ids[off : off + self.n_batch]
+            b.n_tokens = len(chunk)
+            for i, t in enumerate(chunk):
+                b.token[i] = int(t)
+                self._fill(b, i, pos + off + i, logits_last and off + i == len(ids) - 1)
+            self._check_decode(L.llama_decode(self.ctx, b))
+        return pos + len(ids)
+
+    def _decode_embeddings(self, rows: np.ndarray, pos: int, logits_last: bool) -> int:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)  # [n, n_embd]; no size check exists on the C side
+        if rows.ndim != 2 or rows.shape[1] != self.n_embd:
+            raise EngineError(f"image embeddings have shape {tuple(rows.shape)}; the model needs [n, {self.n_embd}]")
+        b = self._ebatch
+        for off in range(0, len(rows), self.n_batch):
+            chunk = rows[off : off + self.n_batch]
+            b.n_tokens = len(chunk)
+            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)  # copy: never repoint b.embd
+            for i in range(len(chunk)):
+                self._fill(b, i, pos + off + i, logits_last and off + i == len(rows) - 1)
+            self._check_decode(L.llama_decode(self.ctx, b))
+        return pos + len(rows)
+
+    def _resync_keys(self) -> None:
+        """After an abort or error, keep only the keys of positions the KV cache really holds."""
+        kept = int(L.llama_memory_seq_pos_max(self.mem, 0)) + 1
+        del self._keys[max(0, kept) :]
+
+    @staticmethod
+    def _flatten(segments: Sequence[Segment]) -> list[Any]:
+        keys: list[Any] = []
+        for seg in segments:
+            if isinstance(seg, Tokens):
+                keys.extend(int(t) for t in seg.ids)
+            else:
+                keys.extend((seg.key, r) for r in range(len(seg.rows)))
+        return keys
+
+    def prefill(self, segments: Sequence[Segment]) -> tuple[int, int]:
+        """Bring the KV cache to exactly `segments`, reusing the longest matching prefix.
+
+        Returns (positions, reused positions). Logits of the last position are ready afterwards.
+        """
+        keys = self._flatten(segments)
+        if not keys:
+            raise PromptError("empty prompt")
+        if len(keys) >= self.n_ctx:
+            raise PromptError(f"the prompt needs {len(keys)} positions; the context holds {self.n_ctx}")
+        n_keep = 0
+        limit = min(len(keys), len(self._keys))
+        while n_keep < limit and keys[n_keep] == self._keys[n_keep]:
+            n_keep += 1
+        n_keep = min(n_keep, len(keys) - 1)  # re-decode at least one position for fresh logits
+        if not L.llama_memory_seq_rm(self.mem, 0, n_keep, -1):
+            L.llama_memory_clear(self.mem, True)
+            n_keep = 0
+        del self._keys[n_keep:]
+        pos = 0
+        for seg in segments:
+            n = len(seg.ids) if isinstance(seg, Tokens) else len(seg.rows)
+            end = pos + n
+            if end > n_keep:
+                start = max(0, n_keep - pos)  # part of this segment may already be in the cache
+                last = end == len(keys)
+                if isinstance(seg, Tokens):
+                    self._decode_tokens(list(seg.ids)[start:], pos + start, last)
+                else:
+                    self._decode_embeddings(seg.rows[start:], pos + start, last)
+                self._keys.extend(keys[pos + start : end])
+            pos = end
+        return len(keys), n_keep
+
+    def last_logits(self) -> np.ndarray:
+        ptr = L.llama_get_logits_ith(self.ctx, -1)
+        if not ptr:
+            raise EngineError("no logits available: decode a prompt first")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    # ---------------------------------------------------------------- generation
+
+    def _make_sampler(self, s: Sampling, seed: int) -> Any:
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if s.greedy or s.temperature <= 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+            return chain
+        if s.repeat_penalty != 1.0 and s.repeat_last_n != 0:
+            penalties = L.llama_sampler_init_penalties(self.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)
+            L.llama_sampler_chain_add(chain, penalties)
+        if s.top_k > 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(s.min_p, 1))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(s.temperature))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+        return chain
+
+    def _ban_repeated_ngrams(self, generated: Sequence[int], n: int) -> None:
+        """Set to -inf the logit of every token that would complete an n-gram already generated."""
+        if n <= 0 or len(generated) < n - 1:
+            return
+        prefix = tuple(generated[len(generated) - (n - 1) :]) if n > 1 else ()
+        banned = {
+            generated[i + n - 1] for i in range(len(generated) - n + 1) if tuple(generated[i : i + n - 1]) == prefix
+        }
+        if not banned:
+            return
+        ptr = L.llama_get_logits_ith(self.ctx, -1)
+        for t in banned:
+            ptr[t] = float("-inf")
+
+    def generate(
+        self,
+        segments: Sequence[Segment],
+        sampling: Sampling | None = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
+        """Prefill `segments` and stream the answer as text pieces; fills `stats` as it goes.
+
+        Stop with `cancel()` from any thread: the stream ends within one token (a long prefill is aborted).
+        """
+        s = sampling or Sampling()
+        st = stats if stats is not None else GenerationStats()
+        with self._lock:
+            self._abort.clear()
+            t0 = time.perf_counter()
+            try:
+                st.prompt_positions, st.reused_positions = self.prefill(segments)
+            except Cancelled:
+                st.stop_reason = "cancelled"
+                return
+            st.prefill_ms = (time.perf_counter() - t0) * 1000
+            st.seed = s.resolved_seed()
+            chain = self._make_sampler(s, st.seed)
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            pos = st.prompt_positions
+            at_start = True
+            t_dec = time.perf_counter()
+            try:
+                while True:
+                    if self._abort.is_set():
+                        st.stop_reason = "cancelled"
+                        break
+                    if len(st.token_ids) >= s.max_new_tokens:
+                        st.stop_reason = "length"
+                        break
+                    if pos >= self.n_ctx:
+                        st.stop_reason = "context"
+                        break
+                    if not s.greedy:
+                        self._ban_repeated_ngrams(st.token_ids, s.no_repeat_ngram)
+                    tok = int(L.llama_sampler_sample(chain, self.ctx, -1))
+                    if L.llama_vocab_is_eog(self.vocab, tok):
+                        st.stop_reason = "eos"
+                        break
+                    st.token_ids.append(tok)
+                    if not st.time_to_first_token_ms:
+                        st.time_to_first_token_ms = (time.perf_counter() - t0) * 1000
+                    piece = decoder.decode(self.token_bytes(tok))
+                    if at_start and piece:
+                        piece = piece[1:] if piece.startswith(" ") else piece
+                        at_start = not piece
+                    if piece:
+                        yield piece
+                    if len(st.token_ids) >= s.max_new_tokens or self._abort.is_set():
+                        continue  # no need to decode a token nobody will read past
+                    try:
+                        pos = self._decode_tokens([tok], pos, True)
+                    except Cancelled:
+                        st.stop_reason = "cancelled"
+                        break
+                    self._keys.append(tok)
+                    st.decode_tokens = len(st.token_ids)
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    yield tail
+            finally:
+                st.decode_tokens = len(st.token_ids)
+                st.decode_ms = (time.perf_counter() - t_dec) * 1000
+                L.llama_sampler_free(chain)
+
+    def cancel(self) -> None:
+        """Stop the current prefill or generation (thread-safe)."""
+        self._abort.set()
+
+    def reset(self) -> None:
+        """Forget the KV cache (the next prompt is prefilled from scratch)."""
+        with self._lock:
+            L.llama_memory_clear(self.mem, True)
+            self._keys.clear()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        L.llama_batch_free(self._tbatch)
+        L.llama_batch_free(self._ebatch)
+        L.llama_free(self.ctx)
+        L.llama_model_free(self.model)
+
+    def __enter__(self) -> LlamaEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,301 @@
+"""A chat with a loaded model bundle: images + question (+ history) in, streamed answer and timings out.
+
+Images are encoded through a cache keyed by (image sha256, bundle id), in memory and on disk, so the same image
+is never encoded twice; the LLM keeps its KV cache between calls, so a follow-up question only prefills what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from owl_desktop import bundle as bundle_mod
+from owl_desktop import paths
+from owl_desktop.bundle import Bundle
+from owl_desktop.engine import prompt as prompt_mod
+from owl_desktop.engine.llm import Embeddings, GenerationStats, LlamaEngine, LlmSettings, Sampling, Segment, Tokens
+from owl_desktop.engine.preprocess import PreparedImage, preprocess, read_source
+from owl_desktop.engine.vision import VisionEncoder
+from owl_desktop.errors import PromptError
+from owl_desktop.tasks import Task
+
+ImageSource = Path | str | bytes | PreparedImage
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    llm: LlmSettings = field(default_factory=LlmSettings)
+    vision_device: str = "auto"  # auto | cuda | mps | cpu
+    vision_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    disk_cache: bool = True  # keep image encodes in the cache dir across runs
+    memory_cache_images: int = 64
+
+
+@dataclass(frozen=True)
+class HistoryTurn:
+    """An earlier exchange of the conversation, as the app exports it."""
+
+    images: Sequence[ImageSource]
+    question: str
+    answer: str
+
+
+@dataclass
+class ImageTiming:
+    name: str
+    sha256: str
+    encode_ms: float  # 0 when the encode came from the cache
+    cached: bool
+
+
+@dataclass
+class AnswerRecord:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    images: list[ImageTiming] = field(default_factory=list)
+    dropped_turns: int = 0  # oldest turns left out to fit the context
+    prefill_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    context_used: int = 0
+    context_size: int = 0
+    reused_positions: int = 0
+    stop_reason: str = ""
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _EncodeCache:
+    """Image rows by (sha256, bundle id): an LRU in memory, backed by .npy files in the cache dir."""
+
+    def __init__(self, bundle_id: str, capacity: int, on_disk: bool) -> None:
+        self.bundle_id = bundle_id
+        self.capacity = capacity
+        self.on_disk = on_disk
+        self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def _file(self, sha: str) -> Path:
+        safe_id = hashlib.sha256(self.bundle_id.encode()).hexdigest()[:16]
+        return paths.cache_dir() / "encodes" / safe_id / f"{sha}.npy"
+
+    def get(self, sha: str) -> np.ndarray | None:
+        rows = self._mem.get(sha)
+        if rows is not None:
+            self._mem.move_to_end(sha)
+            return rows
+        if self.on_disk:
+            try:
+                rows = np.load(self._file(sha), allow_pickle=False)
+            except (OSError, ValueError):
+                return None
+            self._remember(sha, rows)
+        return rows
+
+    def put(self, sha: str, rows: np.ndarray) -> None:
+        self._remember(sha, rows)
+        if self.on_disk:
+            f = self._file(sha)
+            try:
+                paths.ensure(f.parent)
+                tmp = f.with_suffix(".tmp.npy")
+                np.save(tmp, rows, allow_pickle=False)
+                tmp.replace(f)
+            except OSError:
+                pass  # a full or read-only cache only costs a re-encode later
+
+    def _remember(self, sha: str, rows: np.ndarray) -> None:
+        self._mem[sha] = rows
+        self._mem.move_to_end(sha)
+        while len(self._mem) > self.capacity:
+            self._mem.popitem(last=False)
+
+
+class AnswerStream:
+    """Iterate for text pieces; `record` holds the timings once the iteration ends. `cancel()` from any thread."""
+
+    def __init__(self, pipeline: ChatPipeline, pieces: Iterator[str], record: AnswerRecord) -> None:
+        self._pipeline = pipeline
+        self._pieces = pieces
+        self.record = record
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._pieces:
+            self.record.text += piece
+            yield piece
+
+    def cancel(self) -> None:
+        self._pipeline.cancel()
+
+    def read(self) -> str:
+        for _ in self:
+            pass
+        return self.record.text
+
+
+class ChatPipeline:
+    """A loaded bundle: the vision encoder in torch and the LLM in llama.cpp."""
+
+    def __init__(self, bundle: Bundle, settings: EngineSettings | None = None) -> None:
+        self.bundle = bundle
+        self.settings = settings or EngineSettings()
+        self.vision = VisionEncoder.from_file(
+            bundle.vision_path, bundle.config, device=self.settings.vision_device, dtype=self.settings.vision_dtype
+        )
+        self.llm = LlamaEngine(bundle.llm_path, self.settings.llm)
+        if self.llm.n_embd != bundle.config.text.hidden_size:
+            self.llm.close()
+            raise PromptError(
+                f"bundle {bundle.id}: the LLM is {self.llm.n_embd} wide but the vision output is "
+                f"{bundle.config.text.hidden_size}; the bundle is inconsistent, convert it again"
+            )
+        self._cache = _EncodeCache(bundle.id, self.settings.memory_cache_images, self.settings.disk_cache)
+
+    @classmethod
+    def open(cls, ref: str | Path, settings: EngineSettings | None = None, task: Task | None = None) -> ChatPipeline:
+        return cls(bundle_mod.load(ref, task=task), settings)
+
+    # ---------------------------------------------------------------- images
+
+    def encode_images(self, images: Sequence[PreparedImage]) -> list[ImageTiming]:
+        """Encode what the cache lacks, in one batch; returns one timing per image."""
+        timings: list[ImageTiming] = []
+        todo: list[PreparedImage] = []
+        for img in images:
+            cached = self._cache.get(img.sha256) is not None or any(t.sha256 == img.sha256 for t in todo)
+            timings.append(ImageTiming(img.name, img.sha256, 0.0, cached))
+            if not cached:
+                todo.append(img)
+        if todo:
+            t0 = time.perf_counter()
+            rows = self.vision.encode(np.stack([img.pixels for img in todo]))  # [N, 65, n_embd] float32
+            per_image = (time.perf_counter() - t0) * 1000 / len(todo)
+            for img, r in zip(todo, rows, strict=True):
+                self._cache.put(img.sha256, np.ascontiguousarray(r))
+            for t in timings:
+                if not t.cached:
+                    t.encode_ms = per_image
+        return timings
+
+    def image_rows(self, image: ImageSource) -> np.ndarray:
+        """The 65 rows one image contributes to the LLM ([65, n_embd] float32), through the cache."""
+        prepared = image if isinstance(image, PreparedImage) else preprocess(image)
+        self.encode_images([prepared])
+        rows = self._cache.get(prepared.sha256)
+        assert rows is not None
+        return rows
+
+    # ---------------------------------------------------------------- chat
+
+    def build(
+        self,
+        images: Sequence[ImageSource],
+        question: str,
+        history: Sequence[HistoryTurn] = (),
+        *,
+        system: str | None = None,
+        max_new_tokens: int = prompt_mod.MAX_NEW_TOKENS,
+    ) -> tuple[prompt_mod.Prompt, list[Segment], list[ImageTiming]]:
+        """Turn a conversation into LLM segments, encoding only the images of the turns that fit."""
+        keyed: dict[str, ImageSource] = {}
+
+        def keys_of(sources: Sequence[ImageSource]) -> list[str]:
+            out = []
+            for src in sources:
+                sha = src.sha256 if isinstance(src, PreparedImage) else hashlib.sha256(read_source(src)[0]).hexdigest()
+                keyed.setdefault(sha, src)
+                out.append(sha)
+            return out
+
+        turns = [prompt_mod.Turn(keys_of(h.images), h.question, h.answer) for h in history]
+        turns.append(prompt_mod.Turn(keys_of(images), question))
+        prompt = prompt_mod.build_prompt(
+            turns,
+            self.llm.tokenize,
+            template=self.bundle.prompt,
+            system=system,
+            n_ctx=self.llm.n_ctx,
+            max_new_tokens=max_new_tokens,
+            image_rows=self.bundle.config.image_rows,
+            bos_id=self.bundle.config.text.bos_token_id,
+        )
+        timings: list[ImageTiming] = []
+        to_encode: list[PreparedImage] = []
+        for sha in dict.fromkeys(prompt.image_keys):
+            src = keyed[sha]
+            if self._cache.get(sha) is not None:
+                timings.append(ImageTiming(_label(src), sha, 0.0, True))
+            else:
+                to_encode.append(src if isinstance(src, PreparedImage) else preprocess(src))
+        timings += self.encode_images(to_encode)
+        order = {sha: i for i, sha in enumerate(dict.fromkeys(prompt.image_keys))}
+        timings.sort(key=lambda t: order[t.sha256])
+        segments: list[Segment] = []
+        for seg in prompt.segments:
+            if isinstance(seg, prompt_mod.TextSegment):
+                segments.append(Tokens(seg.ids))
+            else:
+                rows = self._cache.get(seg.image_key)
+                assert rows is not None
+                segments.append(Embeddings(rows, f"{self.bundle.id}:{seg.image_key}"))
+        return prompt, segments, timings
+
+    def ask(
+        self,
+        images: Sequence[ImageSource],
+        question: str,
+        history: Sequence[HistoryTurn] = (),
+        *,
+        sampling: Sampling | None = None,
+        system: str | None = None,
+    ) -> AnswerStream:
+        """Ask about `images`; iterate the returned stream for text pieces."""
+        s = sampling or Sampling()
+        prompt, segments, timings = self.build(
+            images, question, history, system=system, max_new_tokens=s.max_new_tokens
+        )
+        record = AnswerRecord(images=timings, dropped_turns=prompt.dropped_turns, context_size=self.llm.n_ctx)
+        capped = replace(s, max_new_tokens=prompt.max_new_tokens)
+        return AnswerStream(self, self._run(segments, capped, record), record)
+
+    def _run(self, segments: list[Segment], sampling: Sampling, record: AnswerRecord) -> Iterator[str]:
+        stats = GenerationStats()
+        try:
+            yield from self.llm.generate(segments, sampling, stats)
+        finally:
+            record.token_ids = list(stats.token_ids)
+            record.prefill_ms = stats.prefill_ms
+            record.time_to_first_token_ms = stats.time_to_first_token_ms
+            record.decode_tokens_per_s = stats.decode_tokens_per_s
+            record.context_used = stats.context_used
+            record.reused_positions = stats.reused_positions
+            record.stop_reason = stats.stop_reason
+            record.seed = stats.seed
+
+    def cancel(self) -> None:
+        self.llm.cancel()
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def __enter__(self) -> ChatPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _label(src: ImageSource) -> str:
+    if isinstance(src, PreparedImage):
+        return src.name
+    if isinstance(src, (bytes, bytearray)):
+        return "image"
+    return Path(str(src)).name
