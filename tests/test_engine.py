@@ -105,7 +105,12 @@ def reference_greedy(model: torch.nn.Module, embeds: torch.Tensor, n: int) -> tu
 
 SYS = DEFAULT_SYSTEM
 CASES = {
-    "one image": ([], ["img0"], "What is in the picture?", f"{SYS}\nHuman: <image>\nHuman: What is in the picture?\nAI: "),
+    "one image": (
+        [],
+        ["img0"],
+        "What is in the picture?",
+        f"{SYS}\nHuman: <image>\nHuman: What is in the picture?\nAI: ",
+    ),
     "two images": (
         [],
         ["img0", "img1"],
