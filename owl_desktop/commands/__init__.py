@@ -4,4 +4,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-COMMANDS: list[ModuleType] = []
+from owl_desktop.commands import ask, bench, convert, demo, dev
+
+COMMANDS: list[ModuleType] = [
+    dev,
+    convert,
+    ask,
+    demo,
+    bench,
+]

@@ -10,6 +10,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -172,4 +173,47 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [register_vision, register_convert]
+# -----------------------------------------------------------------------------------------------------------------
+# bench engine (the measurement lives in owl_desktop/engine/bench.py)
+
+
+def register_engine(benchmarks: argparse._SubParsersAction) -> None:
+    from owl_desktop.commands.engine_args import add_engine_flags
+
+    p = benchmarks.add_parser(
+        "engine",
+        help="encode, prefill, time to first token, decode vs llama_cpp.Llama, follow-up turns (one bundle)",
+        description=(
+            "Runs one bundle through the engine: image encode cold and cached, prefill rate and time to first "
+            "token for one image + a question, decode tokens/s against llama-cpp-python's own Llama class on the "
+            "same GGUF and threads, and a short follow-up turn (KV reused) against a from-scratch prefill."
+        ),
+    )
+    p.add_argument("--model", metavar="BUNDLE", help="bundle folder or id (default: the demo's tiny random bundle)")
+    p.add_argument("--image", type=Path, metavar="PATH", help="image to encode (default: the demo picture)")
+    p.add_argument("--decode-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    add_engine_flags(p)
+    p.set_defaults(func=run_engine)
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    import json
+
+    from owl_desktop.commands.engine_args import engine_settings
+    from owl_desktop.devtools.demo import demo_image, ensure_demo_bundle
+    from owl_desktop.engine import bench
+
+    model = args.model or ensure_demo_bundle()
+    result = bench.run(
+        model, engine_settings(args), args.image or demo_image(), decode_tokens=args.decode_tokens, repeats=args.repeats
+    )
+    print(f"model: {model}")
+    print(result.report())
+    if args.json:
+        print(json.dumps(bench.as_dict(result)))
+    return 0
+
+
+BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [register_vision, register_convert, register_engine]
