@@ -138,11 +138,8 @@ def test_engine_matches_all_torch_reference(
     all_images = [tiny[n] for imgs, _, _ in history_spec for n in imgs] + images
 
     answer = pipe.ask(images, question, history, sampling=GREEDY16)
-    prompt_logits_ours = None
-    pieces = []
-    for piece in answer:
-        pieces.append(piece)
-    # the prompt's last-position logits, by prefilling the same prompt again (KV reuse re-decodes the last position)
+    pieces = list(answer)
+    # the prompt's last-position logits: prefilling the same prompt again re-decodes only its last position
     _, segments, _ = pipe.build(images, question, history, max_new_tokens=16)
     pipe.llm.prefill(segments)
     prompt_logits_ours = pipe.llm.last_logits()
@@ -323,3 +320,37 @@ def test_cli_ask_json_streams_the_same_answer(
 def test_preprocess_feeds_the_vision_encoder(tiny: dict[str, Path], pipe: ChatPipeline) -> None:
     rows = pipe.image_rows(preprocess(tiny["img0"]))
     assert rows.shape == (65, pipe.llm.n_embd) and rows.dtype == np.float32
+
+
+def test_chat_command_in_a_terminal(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The interactive chat, driven through its stdin as a person would type."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"/image {tiny['img0']}\n/image {tmp_path / 'missing.png'}\nWhat is it?\n/regen\n/clear\n/regen\n/quit\n"
+    env = {**os.environ, "OWL_DATA_DIR": str(tmp_path / "data"), "OWL_CACHE_DIR": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "owl_desktop", "chat", "--model", str(tiny["bundle"]), "--max-new-tokens", "6"]
+    done = subprocess.run(args, input=script, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "img0.png attached; 1 image(s)" in out
+    assert "no such file" in out and "missing.png" in out
+    assert out.count("owl> ") == 2  # the question and its regeneration
+    assert "[conversation cleared]" in out and "[nothing to regenerate yet]" in out
+
+
+def test_demo_runs_the_whole_path_offline(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["demo", "--greedy", "--max-new-tokens", "5", "--threads", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "RANDOM weights" in captured.err
+    assert "answer (random weights): " in captured.out
+    assert "tokens/s" in captured.err
+    # built once: the second run reuses the bundle in the data dir
+    from owl_desktop import paths
+    from owl_desktop.devtools.demo import DEMO_BUNDLE_ID
+
+    manifest = paths.models_dir() / DEMO_BUNDLE_ID / "bundle.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert cli_main(["demo", "--greedy", "--max-new-tokens", "2", "--threads", "2"]) == 0
+    assert manifest.stat().st_mtime_ns == stamp
