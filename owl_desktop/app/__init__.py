@@ -1,0 +1,1 @@
+"""Use cases without Qt (chat, settings); the GUI drives them from its worker threads."""

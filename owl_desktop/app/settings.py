@@ -1,0 +1,214 @@
+"""The app's typed settings, with their defaults declared once, stored as JSON in the config dir.
+
+Loading never fails: unknown keys are ignored, missing or ill-typed ones take their default, and a corrupt file is
+kept as settings.json.bak while the app starts with defaults. Saving is atomic (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from owl_desktop import paths
+
+if TYPE_CHECKING:  # the engine pulls in torch and llama.cpp: imported only when settings are turned into its types
+    from owl_desktop.engine.llm import Sampling
+    from owl_desktop.engine.pipeline import EngineSettings
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "settings.json"
+THEMES = ("system", "light", "dark")
+FLASH_ATTN = ("auto", "on", "off")
+KV_TYPES = ("f16", "q8_0", "q4_0", "f32")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# fields restricted to a set of values (dataclass name, field name) → choices
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("Settings", "theme"): THEMES,
+    ("EngineDefaults", "flash_attn"): FLASH_ATTN,
+    ("EngineDefaults", "kv_type"): KV_TYPES,
+    ("EngineDefaults", "vision_device"): DEVICES,
+    ("EngineDefaults", "vision_dtype"): DTYPES,
+}
+
+
+@dataclass
+class SamplingDefaults:
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    no_repeat_ngram: int = 2
+    max_new_tokens: int = 512
+    seed: int | None = None  # None: a fresh random seed for each answer
+
+
+@dataclass
+class EngineDefaults:
+    n_ctx: int = 2048
+    threads: int | None = None  # None: the physical cores
+    gpu_layers: int = -1  # -1: all layers on the GPU when there is one
+    flash_attn: str = "auto"
+    kv_type: str = "f16"
+    vision_device: str = "auto"
+    vision_dtype: str = "auto"
+
+
+@dataclass
+class Settings:
+    theme: str = "system"
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    engine: EngineDefaults = field(default_factory=EngineDefaults)
+    system_prompt: str | None = None  # None: the model bundle's own system prompt
+    last_model_id: str | None = None
+    send_on_enter: bool = True
+    data_dir: str | None = None  # None: the platform default (or OWL_DATA_DIR); see apply_data_dir
+
+    # ------------------------------------------------------------------ conversions
+
+    def to_engine_settings(self) -> EngineSettings:
+        from owl_desktop.engine.llm import LlmSettings
+        from owl_desktop.engine.pipeline import EngineSettings
+
+        e = self.engine
+        llm = LlmSettings(
+            n_ctx=e.n_ctx, n_threads=e.threads, n_gpu_layers=e.gpu_layers, flash_attn=e.flash_attn, kv_type=e.kv_type
+        )
+        return EngineSettings(llm=llm, vision_device=e.vision_device, vision_dtype=e.vision_dtype)
+
+    def to_sampling(self) -> Sampling:
+        from owl_desktop.engine.llm import Sampling
+
+        s = self.sampling
+        return Sampling(
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            repeat_penalty=s.repeat_penalty,
+            no_repeat_ngram=s.no_repeat_ngram,
+            max_new_tokens=s.max_new_tokens,
+            seed=s.seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Settings:
+        """Settings from parsed JSON, keeping every valid value and defaulting the rest."""
+        return _build(cls, raw)
+
+    # ------------------------------------------------------------------ file
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Settings:
+        """The saved settings, or defaults (a corrupt file is kept as <name>.bak)."""
+        path = path or default_path()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls()
+        except OSError as exc:
+            log.warning("cannot read %s (%s); using default settings", path, exc)
+            return cls()
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            log.warning("settings file %s is corrupt (%s); kept as .bak, using defaults", path, exc)
+            try:
+                shutil.copyfile(path, backup_path(path))
+            except OSError:
+                pass
+            return cls()
+        return cls.from_dict(raw)
+
+    def save(self, path: Path | None = None) -> Path:
+        path = path or default_path()
+        paths.ensure(path.parent)
+        data = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return path
+
+
+def default_path() -> Path:
+    return paths.config_dir() / SETTINGS_FILE
+
+
+def backup_path(path: Path) -> Path:
+    return path.with_name(path.name + ".bak")
+
+
+def apply_data_dir(settings: Settings) -> None:
+    """Point paths.data_dir() at the chosen data folder (an OWL_DATA_DIR set by the user wins). Call at startup."""
+    if settings.data_dir and "OWL_DATA_DIR" not in os.environ:
+        os.environ["OWL_DATA_DIR"] = settings.data_dir
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def _build(cls: type, raw: Any) -> Any:
+    out = cls()
+    if not isinstance(raw, dict):
+        return out
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        value = _coerce(hints[f.name], raw[f.name], (cls.__name__, f.name))
+        if value is not _INVALID:
+            setattr(out, f.name, value)
+    return out
+
+
+_INVALID = object()
+
+
+def _coerce(hint: Any, value: Any, key: tuple[str, str]) -> Any:
+    """`value` as type `hint`, or _INVALID."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if isinstance(hint, type) and hasattr(hint, "__dataclass_fields__"):
+        return _build(hint, value) if isinstance(value, dict) else _INVALID
+    if hint is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok and value == value else _INVALID  # NaN is refused
+    if hint is str:
+        if not isinstance(value, str):
+            return _INVALID
+        choices = CHOICES.get(key)
+        return value if choices is None or value in choices else _INVALID
+    return _INVALID

@@ -1,0 +1,1 @@
+"""Conversations and images on disk: SQLite history and a content-addressed image store. No Qt here."""
