@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from owl_desktop import __version__
 from owl_desktop.commands import COMMANDS
@@ -17,6 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Private, local chat about images with mPLUG-Owl. Without a command, opens the app.",
     )
     parser.add_argument("--version", action="version", version=f"owl-desktop {__version__}")
+    parser.add_argument(
+        "--self-test",
+        action="store_true",
+        help="start the app headless with the demo model, drop an image, ask, wait for the answer; exit 0 if it worked",
+    )
+    parser.add_argument("--screenshot", type=Path, metavar="PATH", help="with --self-test: save the window as a PNG")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
@@ -26,9 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.self_test:
+        from owl_desktop.gui import run_self_test  # Qt is loaded only when the app itself is wanted
+
+        return run_self_test(args.screenshot)
+    if args.screenshot is not None:
+        parser.error("--screenshot goes with --self-test")
     if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 0
+        from owl_desktop.gui import run_app
+
+        return run_app(sys.argv[:1])
     try:
         return int(args.func(args) or 0)
     except OwlError as exc:

@@ -1,0 +1,19 @@
+"""The desktop app (PySide6). The only package that imports Qt; it reaches the rest through owl_desktop.app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_app(argv: list[str] | None = None) -> int:
+    """Open the main window and run the event loop until it closes."""
+    from owl_desktop.gui.app import run
+
+    return run(argv)
+
+
+def run_self_test(screenshot: Path | None = None) -> int:
+    """Headless end-to-end check of the real window with the demo model; 0 when it all worked."""
+    from owl_desktop.gui.self_test import run_self_test as _run
+
+    return _run(screenshot)

@@ -1,0 +1,461 @@
+"""The conversation: rounded message bubbles with Markdown, image thumbnails, copy/regenerate/edit, streaming."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QGuiApplication, QMouseEvent, QPixmap, QResizeEvent
+from PySide6.QtWidgets import (
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QScrollArea,
+    QSizePolicy,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from owl_desktop.gui import markdown
+from owl_desktop.gui.app import colors, theme_bus
+from owl_desktop.gui.icons import icon, render
+
+FLUSH_MS = 40  # streamed text is shown at most this often: one layout pass per flush, not per token
+THUMB = 96
+
+
+def _flat_button(name: str, tip: str, slot: Callable[[], Any]) -> QToolButton:
+    b = QToolButton()
+    b.setProperty("flat", True)
+    b.setIconSize(QSize(16, 16))
+    b.setToolTip(tip)
+    b.setAccessibleName(tip)
+    b.setProperty("icon_name", name)
+    b.setIcon(icon(name, colors().muted))
+    b.setCursor(Qt.CursorShape.PointingHandCursor)
+    b.clicked.connect(slot)
+    return b
+
+
+class Thumbnail(QLabel):
+    """A clickable image thumbnail."""
+
+    clicked = Signal()
+
+    def __init__(self, path: Path | None, name: str, size: int = THUMB) -> None:
+        super().__init__()
+        self.setObjectName("Thumb")
+        self.setFixedSize(size, size)
+        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.setCursor(Qt.CursorShape.PointingHandCursor)
+        self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+        self.setToolTip(name)
+        self.setAccessibleName(f"Image {name}; press Enter to enlarge")
+        pix = QPixmap(str(path)) if path is not None else QPixmap()
+        if pix.isNull():
+            self.setPixmap(render("image", 32, colors().muted, self.devicePixelRatioF()))
+        else:
+            dpr = self.devicePixelRatioF()
+            side = round((size - 4) * dpr)
+            scaled = pix.scaled(
+                side, side, Qt.AspectRatioMode.KeepAspectRatioByExpanding, Qt.TransformationMode.SmoothTransformation
+            )
+            x, y = (scaled.width() - side) // 2, (scaled.height() - side) // 2
+            cropped = scaled.copy(x, y, side, side)
+            cropped.setDevicePixelRatio(dpr)
+            self.setPixmap(cropped)
+
+    def mouseReleaseEvent(self, event: QMouseEvent) -> None:  # noqa: N802 - Qt override
+        if event.button() == Qt.MouseButton.LeftButton:
+            self.clicked.emit()
+        super().mouseReleaseEvent(event)
+
+    def keyPressEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
+        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter, Qt.Key.Key_Space):
+            self.clicked.emit()
+        else:
+            super().keyPressEvent(event)
+
+
+class MessageBubble(QFrame):
+    """One message. Assistant text is Markdown; the user's is shown as typed."""
+
+    copy_clicked = Signal()
+    regenerate_clicked = Signal()
+    edit_clicked = Signal()
+    image_clicked = Signal(int)
+
+    def __init__(self, role: str, text: str, images: Sequence[tuple[Path | None, str]] = (), msg_id: Any = None):
+        super().__init__()
+        self.role = role
+        self.msg_id = msg_id
+        self.text = text
+        self.streaming = False
+        self.setObjectName("Bubble")
+        self.setProperty("role", role)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(14, 10, 14, 8)
+        layout.setSpacing(6)
+        if images:
+            row = QHBoxLayout()
+            row.setSpacing(6)
+            for i, (path, name) in enumerate(images):
+                thumb = Thumbnail(path, name)
+                thumb.clicked.connect(lambda i=i: self.image_clicked.emit(i))
+                row.addWidget(thumb)
+            row.addStretch(1)
+            layout.addLayout(row)
+        self.label = QLabel()
+        self.label.setObjectName("BubbleText")
+        self.label.setWordWrap(True)
+        self.label.setTextInteractionFlags(
+            Qt.TextInteractionFlag.TextSelectableByMouse | Qt.TextInteractionFlag.TextSelectableByKeyboard
+        )
+        self.label.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Minimum)
+        layout.addWidget(self.label)
+        footer = QHBoxLayout()
+        footer.setSpacing(2)
+        self.meta = QLabel()
+        self.meta.setObjectName("BubbleMeta")
+        footer.addWidget(self.meta, 1)
+        self.copy_button = _flat_button("copy", "Copy message", self.copy_clicked.emit)
+        self.edit_button = _flat_button("edit", "Edit and ask again", self.edit_clicked.emit)
+        self.regenerate_button = _flat_button("regenerate", "Regenerate answer", self.regenerate_clicked.emit)
+        for b in (self.edit_button, self.regenerate_button, self.copy_button):
+            footer.addWidget(b)
+        self.edit_button.setVisible(False)
+        self.regenerate_button.setVisible(False)
+        layout.addLayout(footer)
+        self.set_text(text)
+        self.setAccessibleName("Your message" if role == "user" else "Answer")
+
+    def set_text(self, text: str) -> None:
+        self.text = text
+        if self.role == "assistant":
+            shown = text if text else "…"
+            self.label.setTextFormat(Qt.TextFormat.RichText)
+            self.label.setText(markdown.render(shown + (" ▍" if self.streaming else ""), colors()))
+        else:
+            self.label.setTextFormat(Qt.TextFormat.PlainText)
+            self.label.setText(text)
+        self.label.setAccessibleDescription(text)
+
+    def fit(self, max_width: int) -> None:
+        """As wide as its content needs, never wider than `max_width` (long text wraps)."""
+        self.setMaximumWidth(max_width)
+        lines = (self.text or "…").splitlines() or [""]
+        fm = self.label.fontMetrics()
+        natural = int(max(fm.horizontalAdvance(line) for line in lines[:200]) * 1.05) + 12
+        if self.role == "assistant" and ("```" in self.text or "|" in self.text):
+            natural = max_width  # code blocks and tables get the room they need
+        thumbs = self.findChildren(Thumbnail)
+        natural = max(natural, len(thumbs) * (THUMB + 6), 120)
+        self.label.setMinimumWidth(min(natural, max_width - 28))
+
+    def set_meta(self, text: str) -> None:
+        self.meta.setText(text)
+
+    def retint(self) -> None:
+        for b in (self.copy_button, self.edit_button, self.regenerate_button):
+            b.setIcon(icon(b.property("icon_name"), colors().muted))
+        self.set_text(self.text)
+
+
+def record_summary(record: Any) -> str:
+    """'12.4 tok/s · first token 0.31 s · 612 / 2048 context' from an AnswerRecord (or a dict of it)."""
+    if record is None:
+        return ""
+
+    def get(name: str) -> Any:
+        return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+
+    parts = []
+    if tps := get("decode_tokens_per_s") or get("tokens_per_s"):
+        parts.append(f"{tps:.1f} tok/s")
+    if ttft := get("time_to_first_token_ms") or get("ttft_ms"):
+        parts.append(f"first token {ttft / 1000:.2f} s")
+    if (used := get("context_used")) and (size := get("context_size")):
+        parts.append(f"{used} / {size} context")
+    if get("state") == "failed":
+        parts.append("interrupted by an error")
+    elif get("stop_reason") in ("cancelled", "abandoned") or get("state") == "stopped":
+        parts.append("stopped")
+    elif get("stop_reason") == "length":
+        parts.append("cut at the length limit")
+    return " · ".join(parts)
+
+
+class ChatView(QScrollArea):
+    """The messages of one conversation. Holds no state beyond what it shows."""
+
+    regenerate_requested = Signal()
+    edit_requested = Signal(object, str)  # user message id, its text
+    image_requested = Signal(list, int)  # [(path, name)], index
+
+    def __init__(self, images: Any) -> None:
+        super().__init__()
+        self.setObjectName("ChatScroll")
+        self._images = images
+        self.setWidgetResizable(True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        body = QWidget()
+        self._column = QVBoxLayout(body)
+        self._column.setContentsMargins(24, 20, 24, 20)
+        self._column.setSpacing(14)
+        self._empty = self._make_empty_state()
+        self._column.addWidget(self._empty, 1)
+        self._column.addStretch(0)
+        self.setWidget(body)
+        self._rows: list[tuple[QWidget, MessageBubble | None]] = []  # (row widget, bubble or None for notices)
+        self._streaming: MessageBubble | None = None
+        self._buffer: list[str] = []
+        self._flush_timer = QTimer(self)
+        self._flush_timer.setSingleShot(True)
+        self._flush_timer.setInterval(FLUSH_MS)
+        self._flush_timer.timeout.connect(self.flush)
+        self.flush_count = 0  # how many layout updates the stream caused (tests check it is coalesced)
+        self._stick_to_bottom = True
+        self.verticalScrollBar().rangeChanged.connect(self._on_range_changed)
+        self.verticalScrollBar().valueChanged.connect(self._on_scrolled)
+        theme_bus().changed.connect(self._retint)
+
+    # ------------------------------------------------------------ building
+
+    def _make_empty_state(self) -> QWidget:
+        box = QWidget()
+        v = QVBoxLayout(box)
+        v.addStretch(1)
+        logo = QLabel(alignment=Qt.AlignmentFlag.AlignCenter)
+        logo.setPixmap(render("owl", 72, "#000", self.devicePixelRatioF()))
+        title = QLabel("Ask about your images", alignment=Qt.AlignmentFlag.AlignCenter)
+        title.setObjectName("Headline")
+        hint = QLabel(
+            "Drop, paste or attach screenshots and photos, then ask a question.\nEverything stays on this computer.",
+            alignment=Qt.AlignmentFlag.AlignCenter,
+        )
+        hint.setObjectName("Subhead")
+        for w in (logo, title, hint):
+            v.addWidget(w)
+        v.addStretch(2)
+        return box
+
+    def _image_entries(self, refs: Sequence[Any]) -> list[tuple[Path | None, str]]:
+        out: list[tuple[Path | None, str]] = []
+        for ref in refs:
+            sha = getattr(ref, "sha256", None) or (ref.get("sha256") if isinstance(ref, dict) else None)
+            name = getattr(ref, "name", None) or (ref.get("name") if isinstance(ref, dict) else None) or "image"
+            path: Path | None = None
+            try:
+                path = Path(self._images.thumbnail(sha, 256))
+            except Exception:  # noqa: BLE001 - a missing file shows a placeholder, never an error
+                path = None
+            out.append((path, str(name)))
+        return out
+
+    def _full_images(self, refs: Sequence[Any]) -> list[tuple[Path, str]]:
+        out = []
+        for ref in refs:
+            try:
+                out.append((Path(self._images.path(ref.sha256)), str(ref.name or "image")))
+            except Exception:  # noqa: BLE001
+                continue
+        return out
+
+    def _add_bubble(self, role: str, text: str, refs: Sequence[Any] = (), msg_id: Any = None) -> MessageBubble:
+        bubble = MessageBubble(role, text, self._image_entries(refs), msg_id)
+        bubble.copy_clicked.connect(lambda b=bubble: QGuiApplication.clipboard().setText(b.text))
+        bubble.regenerate_clicked.connect(self.regenerate_requested.emit)
+        bubble.edit_clicked.connect(lambda b=bubble: self.edit_requested.emit(b.msg_id, b.text))
+        full = list(refs)
+        bubble.image_clicked.connect(lambda i, refs=full: self.image_requested.emit(self._full_images(refs), i))
+        row = QWidget()
+        h = QHBoxLayout(row)
+        h.setContentsMargins(0, 0, 0, 0)
+        if role == "user":
+            h.addStretch(1)
+            h.addWidget(bubble, 0)
+        else:
+            h.addWidget(bubble, 0)
+            h.addStretch(1)
+        self._insert_row(row, bubble)
+        self._apply_width(bubble)
+        return bubble
+
+    def _insert_row(self, row: QWidget, bubble: MessageBubble | None) -> None:
+        self._empty.setVisible(False)
+        self._column.insertWidget(self._column.count() - 1, row)
+        self._rows.append((row, bubble))
+
+    def add_notice(self, text: str) -> None:
+        """A quiet line in the conversation, e.g. that old turns were left out."""
+        row = QLabel(text, alignment=Qt.AlignmentFlag.AlignCenter)
+        row.setObjectName("Notice")
+        row.setWordWrap(True)
+        row.setAccessibleName(text)
+        self._insert_row(row, None)
+
+    # ------------------------------------------------------------ content
+
+    def bubbles(self) -> list[MessageBubble]:
+        return [b for _, b in self._rows if b is not None]
+
+    def notices(self) -> list[str]:
+        return [w.text() for w, b in self._rows if b is None and isinstance(w, QLabel)]
+
+    def clear(self) -> None:
+        self._flush_timer.stop()
+        self._buffer.clear()
+        self._streaming = None
+        for row, _ in self._rows:
+            row.setParent(None)
+            row.deleteLater()
+        self._rows.clear()
+        self._empty.setVisible(True)
+
+    def show_messages(self, messages: Sequence[Any]) -> None:
+        """Show `messages` (the store's Message objects), keeping bubbles that are already right."""
+        current = [(b.msg_id, b.role, b.text) for b in self.bubbles()]
+        wanted = [(m.id, m.role, m.text) for m in messages]
+        keep = 0
+        while keep < min(len(current), len(wanted)) and current[keep] == wanted[keep]:
+            keep += 1
+        if any(b is None for _, b in self._rows) or keep < len(current):
+            bubble_rows = 0
+            cut = len(self._rows)
+            for i, (_, b) in enumerate(self._rows):
+                if b is not None:
+                    if bubble_rows == keep:
+                        cut = i
+                        break
+                    bubble_rows += 1
+            for row, _ in self._rows[cut:]:
+                row.setParent(None)
+                row.deleteLater()
+            del self._rows[cut:]
+        for m in messages[keep:]:
+            self._add_bubble(m.role, m.text, m.images, m.id)
+            meta = getattr(m, "meta", None) or {}
+            if m.role == "assistant":
+                self.bubbles()[-1].set_meta(record_summary(meta))
+                if dropped := meta.get("dropped_turns"):
+                    self.add_notice(_dropped_notice(int(dropped)))
+        self._empty.setVisible(not self._rows)
+        self._update_actions()
+        self._stick_to_bottom = True
+
+    def _update_actions(self) -> None:
+        bubbles = self.bubbles()
+        last_user = next((b for b in reversed(bubbles) if b.role == "user"), None)
+        last_assistant = bubbles[-1] if bubbles and bubbles[-1].role == "assistant" else None
+        for b in bubbles:
+            b.edit_button.setVisible(b is last_user and self._streaming is None)
+            b.regenerate_button.setVisible(b is last_assistant and self._streaming is None)
+
+    # ------------------------------------------------------------ streaming
+
+    def begin_answer(self, assistant_msg: Any = None) -> MessageBubble:
+        self.flush()
+        bubble = self._add_bubble("assistant", "", (), getattr(assistant_msg, "id", None))
+        bubble.streaming = True
+        bubble.set_text("")
+        bubble.set_meta("writing…")
+        self._streaming = bubble
+        self._stick_to_bottom = True
+        self._update_actions()
+        return bubble
+
+    def append_text(self, piece: str) -> None:
+        """Buffer a streamed piece; the bubble is updated at most every FLUSH_MS."""
+        if self._streaming is None:
+            return
+        self._buffer.append(piece)
+        if not self._flush_timer.isActive():
+            self._flush_timer.start()
+
+    def flush(self) -> None:
+        if self._streaming is None or not self._buffer:
+            return
+        self._streaming.set_text(self._streaming.text + "".join(self._buffer))
+        self._apply_width(self._streaming)
+        self._buffer.clear()
+        self.flush_count += 1
+
+    def streaming_text(self) -> str:
+        if self._streaming is None:
+            return ""
+        return self._streaming.text + "".join(self._buffer)
+
+    def finish_answer(self, message: Any, record: Any) -> None:
+        bubble = self._streaming
+        self.flush()
+        self._flush_timer.stop()
+        self._streaming = None
+        if bubble is None:
+            return
+        bubble.streaming = False
+        if message is not None:
+            bubble.msg_id = getattr(message, "id", bubble.msg_id)
+            text = getattr(message, "text", None)
+            bubble.set_text(text if text is not None else bubble.text)
+        else:
+            bubble.set_text(bubble.text)
+        bubble.set_meta(record_summary(record))
+        self._apply_width(bubble)
+        dropped = getattr(record, "dropped_turns", 0) if record is not None else 0
+        if dropped:
+            self.add_notice(_dropped_notice(int(dropped)))
+        self._update_actions()
+
+    def fail_answer(self, message: str) -> None:
+        """End a stream that failed: keep what was written, if anything, and say what happened."""
+        bubble = self._streaming
+        self.flush()
+        self._flush_timer.stop()
+        self._streaming = None
+        if bubble is not None:
+            bubble.streaming = False
+            if bubble.text:
+                bubble.set_text(bubble.text)
+                bubble.set_meta("stopped by an error")
+            else:
+                bubble.setProperty("role", "error")
+                bubble.role = "error"
+                bubble.set_text(message)
+                bubble.set_meta("")
+                bubble.style().unpolish(bubble)
+                bubble.style().polish(bubble)
+        self._update_actions()
+
+    # ------------------------------------------------------------ layout
+
+    def _apply_width(self, bubble: MessageBubble) -> None:
+        width = self.viewport().width() - 48
+        bubble.fit(max(260, int(width * (0.78 if bubble.role == "user" else 0.9))))
+
+    def resizeEvent(self, event: QResizeEvent) -> None:  # noqa: N802 - Qt override
+        super().resizeEvent(event)
+        for b in self.bubbles():
+            self._apply_width(b)
+
+    def _on_range_changed(self, _lo: int, hi: int) -> None:
+        if self._stick_to_bottom:
+            self.verticalScrollBar().setValue(hi)
+
+    def _on_scrolled(self, value: int) -> None:
+        bar = self.verticalScrollBar()
+        self._stick_to_bottom = value >= bar.maximum() - 40
+
+    def _retint(self, _colors: object = None) -> None:
+        for b in self.bubbles():
+            b.retint()
+
+
+def _dropped_notice(n: int) -> str:
+    turns = "turn was" if n == 1 else "turns were"
+    return f"The {n} oldest {turns} left out of the model's view to make room in its context."

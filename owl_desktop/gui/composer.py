@@ -1,0 +1,400 @@
+"""Where a question is written: text, attached images (drop, paste, file dialog), send and stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QMimeData, QPoint, QSize, Qt, Signal
+from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent, QKeyEvent, QMouseEvent, QPixmap
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QSizePolicy,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from owl_desktop.gui import attachments
+from owl_desktop.gui.app import colors, theme_bus
+from owl_desktop.gui.attachments import PendingImage
+from owl_desktop.gui.icons import icon
+
+CHIP = 72
+
+
+class AttachmentChip(QFrame):
+    """One pending image: a thumbnail with a remove button. Drag sideways (or Ctrl+←/→) to reorder."""
+
+    remove_clicked = Signal(object)
+    move_by = Signal(object, int)
+    drag_to = Signal(object, QPoint)  # global position while dragging
+    open_clicked = Signal(object)
+
+    def __init__(self, image: PendingImage) -> None:
+        super().__init__()
+        self.image = image
+        self.setObjectName("Thumb")
+        self.setFixedSize(CHIP, CHIP)
+        self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+        self.setToolTip(f"{image.name}: drag or Ctrl+←/→ to reorder, Delete to remove")
+        self.setAccessibleName(f"Attached image {image.name}")
+        pic = QLabel(self)
+        dpr = self.devicePixelRatioF()
+        side = round((CHIP - 4) * dpr)
+        pix = QPixmap.fromImage(image.preview).scaled(
+            side, side, Qt.AspectRatioMode.KeepAspectRatioByExpanding, Qt.TransformationMode.SmoothTransformation
+        )
+        pix = pix.copy((pix.width() - side) // 2, (pix.height() - side) // 2, side, side)
+        pix.setDevicePixelRatio(dpr)
+        pic.setPixmap(pix)
+        pic.setGeometry(2, 2, CHIP - 4, CHIP - 4)
+        self.remove_button = QToolButton(self)
+        self.remove_button.setObjectName("ChipRemove")
+        self.remove_button.setIcon(icon("close", "#ffffff"))
+        self.remove_button.setIconSize(QSize(12, 12))
+        self.remove_button.setGeometry(CHIP - 24, 4, 20, 20)
+        self.remove_button.setStyleSheet(
+            "QToolButton#ChipRemove { background: rgba(20,22,30,170); border-radius: 10px; border: none; padding: 0; }"
+        )
+        self.remove_button.setToolTip(f"Remove {image.name}")
+        self.remove_button.setAccessibleName(f"Remove {image.name}")
+        self.remove_button.clicked.connect(lambda: self.remove_clicked.emit(self))
+        self._press: QPoint | None = None
+        self._dragging = False
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 - Qt override
+        ctrl = event.modifiers() & (Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.AltModifier)
+        if event.key() in (Qt.Key.Key_Delete, Qt.Key.Key_Backspace):
+            self.remove_clicked.emit(self)
+        elif ctrl and event.key() == Qt.Key.Key_Left:
+            self.move_by.emit(self, -1)
+        elif ctrl and event.key() == Qt.Key.Key_Right:
+            self.move_by.emit(self, 1)
+        elif event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter, Qt.Key.Key_Space):
+            self.open_clicked.emit(self)
+        else:
+            super().keyPressEvent(event)
+
+    def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802 - Qt override
+        if event.button() == Qt.MouseButton.LeftButton:
+            self._press = event.position().toPoint()
+            self._dragging = False
+        super().mousePressEvent(event)
+
+    def mouseMoveEvent(self, event: QMouseEvent) -> None:  # noqa: N802 - Qt override
+        if self._press is not None and (event.position().toPoint() - self._press).manhattanLength() > 8:
+            self._dragging = True
+            self.setCursor(Qt.CursorShape.ClosedHandCursor)
+            self.drag_to.emit(self, event.globalPosition().toPoint())
+        super().mouseMoveEvent(event)
+
+    def mouseReleaseEvent(self, event: QMouseEvent) -> None:  # noqa: N802 - Qt override
+        if self._press is not None and not self._dragging and event.button() == Qt.MouseButton.LeftButton:
+            self.open_clicked.emit(self)
+        self._press = None
+        self._dragging = False
+        self.unsetCursor()
+        super().mouseReleaseEvent(event)
+
+
+class AttachmentStrip(QWidget):
+    changed = Signal()
+    open_requested = Signal(list, int)  # [(source, name)], index
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._row = QHBoxLayout(self)
+        self._row.setContentsMargins(4, 4, 4, 0)
+        self._row.setSpacing(8)
+        self._row.addStretch(1)
+        self._chips: list[AttachmentChip] = []
+        self.setVisible(False)
+
+    def images(self) -> list[PendingImage]:
+        return [c.image for c in self._chips]
+
+    def add(self, image: PendingImage) -> None:
+        chip = AttachmentChip(image)
+        chip.remove_clicked.connect(self._remove_chip)
+        chip.move_by.connect(lambda c, d: self.move(self._chips.index(c), self._chips.index(c) + d))
+        chip.drag_to.connect(self._drag_chip)
+        chip.open_clicked.connect(lambda c: self.open_requested.emit(self._entries(), self._chips.index(c)))
+        self._chips.append(chip)
+        self._row.insertWidget(len(self._chips) - 1, chip)
+        self._changed()
+
+    def _entries(self) -> list[tuple[Path | bytes, str]]:
+        return [(c.image.source, c.image.name) for c in self._chips]
+
+    def remove(self, index: int) -> None:
+        self._remove_chip(self._chips[index])
+
+    def _remove_chip(self, chip: AttachmentChip) -> None:
+        i = self._chips.index(chip)
+        self._chips.pop(i)
+        chip.setParent(None)
+        chip.deleteLater()
+        if self._chips:
+            self._chips[min(i, len(self._chips) - 1)].setFocus()
+        self._changed()
+
+    def move(self, src: int, dst: int) -> None:
+        if not (0 <= src < len(self._chips)) or not (0 <= dst < len(self._chips)) or src == dst:
+            return
+        chip = self._chips.pop(src)
+        self._chips.insert(dst, chip)
+        self._row.removeWidget(chip)
+        self._row.insertWidget(dst, chip)
+        chip.setFocus()
+        self._changed()
+
+    def _drag_chip(self, chip: AttachmentChip, global_pos: QPoint) -> None:
+        x = self.mapFromGlobal(global_pos).x()
+        target = max(0, min(len(self._chips) - 1, (x - 4) // (CHIP + 8)))
+        self.move(self._chips.index(chip), int(target))
+
+    def clear(self) -> None:
+        for chip in self._chips:
+            chip.setParent(None)
+            chip.deleteLater()
+        self._chips.clear()
+        self._changed()
+
+    def _changed(self) -> None:
+        self.setVisible(bool(self._chips))
+        self.changed.emit()
+
+
+class ComposerEdit(QPlainTextEdit):
+    """The text box: Enter sends, Shift+Enter starts a new line; pasted images become attachments."""
+
+    submit = Signal()
+    mime_pasted = Signal(QMimeData)
+    escape = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setObjectName("ComposerEdit")
+        self.send_on_enter = True
+        self.setPlaceholderText("Ask about your images…  (Enter to send, Shift+Enter for a new line)")
+        self.setAccessibleName("Question")
+        self.setTabChangesFocus(True)
+        self.document().contentsChanged.connect(self._fit_height)
+        self._fit_height()
+
+    def _fit_height(self) -> None:
+        lines = max(1, min(8, int(self.document().size().height())))
+        line_h = self.fontMetrics().lineSpacing()
+        policy = Qt.ScrollBarPolicy.ScrollBarAsNeeded if lines >= 8 else Qt.ScrollBarPolicy.ScrollBarAlwaysOff
+        self.setVerticalScrollBarPolicy(policy)
+        self.setFixedHeight(lines * line_h + 16)
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 - Qt override
+        enter = event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
+        mods = event.modifiers()
+        if enter and not (mods & Qt.KeyboardModifier.ShiftModifier):
+            if self.send_on_enter or mods & Qt.KeyboardModifier.ControlModifier:
+                self.submit.emit()
+                return
+        if event.key() == Qt.Key.Key_Escape:
+            self.escape.emit()
+            return
+        super().keyPressEvent(event)
+
+    def canInsertFromMimeData(self, source: QMimeData) -> bool:  # noqa: N802 - Qt override
+        return source.hasImage() or source.hasUrls() or super().canInsertFromMimeData(source)
+
+    def insertFromMimeData(self, source: QMimeData) -> None:  # noqa: N802 - Qt override
+        if source.hasImage() or (source.hasUrls() and any(u.isLocalFile() for u in source.urls())):
+            self.mime_pasted.emit(source)
+            return
+        super().insertFromMimeData(source)
+
+
+class Composer(QFrame):
+    send_requested = Signal(str, list)  # text, [PendingImage]
+    edit_submitted = Signal(object, str)  # user message id, new text
+    stop_requested = Signal()
+    refused = Signal(str)  # a message for the user about what could not be attached
+    open_requested = Signal(list, int)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setObjectName("Composer")
+        self.setAcceptDrops(True)
+        self._busy = False
+        self._paste_count = 0
+        self._editing: object | None = None
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(10, 8, 10, 8)
+        outer.setSpacing(4)
+        self.edit_hint = QLabel()
+        self.edit_hint.setObjectName("Muted")
+        self.edit_hint.setVisible(False)
+        outer.addWidget(self.edit_hint)
+        self.strip = AttachmentStrip()
+        self.strip.changed.connect(self._update_buttons)
+        self.strip.open_requested.connect(self.open_requested)
+        outer.addWidget(self.strip)
+        row = QHBoxLayout()
+        row.setSpacing(6)
+        self.attach_button = QToolButton()
+        self.attach_button.setProperty("flat", True)
+        self.attach_button.setIconSize(QSize(20, 20))
+        self.attach_button.setToolTip("Attach images (Ctrl+O)")
+        self.attach_button.setAccessibleName("Attach images")
+        self.attach_button.clicked.connect(self.choose_files)
+        self.edit = ComposerEdit()
+        self.edit.submit.connect(self.submit)
+        self.edit.escape.connect(self.cancel_edit)
+        self.edit.mime_pasted.connect(self.add_mime)
+        self.edit.textChanged.connect(self._update_buttons)
+        self.send_button = QToolButton()
+        self.send_button.setObjectName("SendButton")
+        self.send_button.setIconSize(QSize(18, 18))
+        self.send_button.setFixedSize(36, 36)
+        self.send_button.clicked.connect(self._send_or_stop)
+        row.addWidget(self.attach_button, 0, Qt.AlignmentFlag.AlignBottom)
+        row.addWidget(self.edit, 1)
+        row.addWidget(self.send_button, 0, Qt.AlignmentFlag.AlignBottom)
+        outer.addLayout(row)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        theme_bus().changed.connect(self._retint)
+        self._retint()
+
+    # ------------------------------------------------------------ state
+
+    def images(self) -> list[PendingImage]:
+        return self.strip.images()
+
+    def text(self) -> str:
+        return self.edit.toPlainText()
+
+    def set_busy(self, busy: bool) -> None:
+        self._busy = busy
+        self._retint()
+        self._update_buttons()
+
+    def set_send_on_enter(self, value: bool) -> None:
+        self.edit.send_on_enter = value
+        keys = "Enter to send, Shift+Enter for a new line" if value else "Ctrl+Enter to send"
+        self.edit.setPlaceholderText(f"Ask about your images…  ({keys})")
+
+    def _update_buttons(self) -> None:
+        can_send = bool(self.text().strip()) and not self._busy
+        self.send_button.setEnabled(self._busy or can_send)
+
+    def _retint(self, _colors: object = None) -> None:
+        c = colors()
+        self.attach_button.setIcon(icon("attach", c.muted))
+        if self._busy:
+            self.send_button.setIcon(icon("stop", c.accent_text))
+            self.send_button.setToolTip("Stop the answer (Esc)")
+            self.send_button.setAccessibleName("Stop")
+        else:
+            self.send_button.setIcon(icon("send", c.accent_text))
+            self.send_button.setToolTip("Send (Enter)")
+            self.send_button.setAccessibleName("Send")
+        self.send_button.setStyleSheet(
+            f"QToolButton#SendButton {{ background: {c.accent}; border: none; border-radius: 18px; }}"
+            f"QToolButton#SendButton:disabled {{ background: {c.border}; }}"
+            f"QToolButton#SendButton:focus {{ border: 2px solid {c.text}; }}"
+        )
+
+    # ------------------------------------------------------------ actions
+
+    def _send_or_stop(self) -> None:
+        if self._busy:
+            self.stop_requested.emit()
+        else:
+            self.submit()
+
+    def submit(self) -> None:
+        text = self.text().strip()
+        if self._busy or not text:
+            return
+        if self._editing is not None:
+            msg_id, self._editing = self._editing, None
+            self.edit_hint.setVisible(False)
+            self.edit.clear()
+            self.edit_submitted.emit(msg_id, text)
+            return
+        images = self.images()
+        self.edit.clear()
+        self.strip.clear()
+        self.send_requested.emit(text, images)
+
+    def start_edit(self, msg_id: object, text: str) -> None:
+        self._editing = msg_id
+        self.edit.setPlainText(text)
+        self.edit_hint.setText("Editing your last question: Enter asks again with the new text, Esc cancels.")
+        self.edit_hint.setVisible(True)
+        self.edit.setFocus()
+
+    def cancel_edit(self) -> None:
+        if self._busy:
+            self.stop_requested.emit()
+            return
+        if self._editing is not None:
+            self._editing = None
+            self.edit.clear()
+            self.edit_hint.setVisible(False)
+
+    def choose_files(self) -> None:
+        files, _ = QFileDialog.getOpenFileNames(
+            self,
+            "Attach images",
+            str(Path.home()),
+            "Images (*.png *.jpg *.jpeg *.webp *.gif *.bmp *.tif *.tiff);;All files (*)",
+        )
+        self.add_files([Path(f) for f in files])
+
+    def add_files(self, files: list[Path]) -> None:
+        refused = []
+        for path in files:
+            try:
+                self.strip.add(attachments.from_file(path))
+            except attachments.AttachmentError as exc:
+                refused.append(str(exc))
+        if refused:
+            self.refused.emit(" ".join(refused))
+
+    def add_mime(self, mime: QMimeData) -> bool:
+        """Attach what a drop or paste carries; refused items are reported. True when something was added."""
+        self._paste_count += 1 if mime.hasImage() and not mime.hasUrls() else 0
+        images, refused = attachments.from_mime(mime, self._paste_count)
+        for image in images:
+            self.strip.add(image)
+        if refused:
+            self.refused.emit(" ".join(refused))
+        elif not images:
+            self.refused.emit("Nothing in what was dropped could be attached; drop image files.")
+        return bool(images)
+
+    # ------------------------------------------------------------ drop
+
+    def set_drag_highlight(self, on: bool) -> None:
+        self.setProperty("dragging", on)
+        self.style().unpolish(self)
+        self.style().polish(self)
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802 - Qt override
+        if attachments.mime_has_candidates(event.mimeData()):
+            event.acceptProposedAction()
+            self.set_drag_highlight(True)
+
+    def dragMoveEvent(self, event: QDragMoveEvent) -> None:  # noqa: N802 - Qt override
+        if attachments.mime_has_candidates(event.mimeData()):
+            event.acceptProposedAction()
+
+    def dragLeaveEvent(self, event: object) -> None:  # noqa: N802 - Qt override
+        self.set_drag_highlight(False)
+
+    def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802 - Qt override
+        self.set_drag_highlight(False)
+        event.acceptProposedAction()
+        self.add_mime(event.mimeData())

@@ -1,0 +1,72 @@
+"""Numbers as people read them: sizes, speeds, time left."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+def size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit in ("B", "KB") else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "—"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+class RateMeter:
+    """Speed over the last few seconds, and the time left at that speed."""
+
+    def __init__(self, window_s: float = 5.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def add(self, done: float, now: float | None = None) -> None:
+        t = time.monotonic() if now is None else now
+        if self._samples and done < self._samples[-1][1]:
+            self._samples.clear()  # a new stage or a restart
+        self._samples.append((t, done))
+        while len(self._samples) > 2 and t - self._samples[0][0] > self.window_s:
+            self._samples.popleft()
+
+    def rate(self) -> float | None:
+        if len(self._samples) < 2:
+            return None
+        (t0, d0), (t1, d1) = self._samples[0], self._samples[-1]
+        if t1 - t0 <= 0:
+            return None
+        return (d1 - d0) / (t1 - t0)
+
+    def eta(self, total: float | None) -> float | None:
+        r = self.rate()
+        if not r or r <= 0 or total is None or not self._samples:
+            return None
+        return max(0.0, (total - self._samples[-1][1]) / r)
+
+
+def progress_line(stage: str, done: float, total: float | None, unit: str, meter: RateMeter | None = None) -> str:
+    """e.g. 'downloading · 1.2 GB of 4.1 GB · 35.0 MB/s · 1 min 23 s left'."""
+    parts = [stage]
+    if unit == "B":
+        parts.append(f"{size(done)} of {size(total)}" if total else size(done))
+        if meter is not None and (r := meter.rate()):
+            parts.append(f"{size(r)}/s")
+            if (left := meter.eta(total)) is not None:
+                parts.append(f"{duration(left)} left")
+    elif total:
+        parts.append(f"{done:.0f} of {total:.0f} {unit}".rstrip())
+    return " · ".join(parts)

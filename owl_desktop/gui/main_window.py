@@ -1,0 +1,633 @@
+"""The main window: conversations on the left, the chat (or the welcome page) on the right, status at the bottom.
+
+It wires widgets to the services and the engine thread; what happens to a conversation is decided in
+owl_desktop.app, not here.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QSplitter,
+    QStackedWidget,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from owl_desktop.gui import attachments
+from owl_desktop.gui.app import Services, apply_theme, colors, theme_bus
+from owl_desktop.gui.chat_view import ChatView
+from owl_desktop.gui.composer import Composer
+from owl_desktop.gui.icons import icon
+from owl_desktop.gui.image_viewer import ImageViewer
+from owl_desktop.gui.model_controller import ModelController
+from owl_desktop.gui.sidebar import Sidebar
+from owl_desktop.gui.status_line import StatusLine
+from owl_desktop.gui.welcome import WelcomePage
+from owl_desktop.gui.workers import EngineHost, TaskRunner, user_message
+
+
+class State(Enum):
+    NO_MODEL = "no model"
+    LOADING = "loading"
+    READY = "ready"
+    ANSWERING = "answering"
+
+
+class Banner(QFrame):
+    """A message in the window (never a dialog, never a traceback), dismissed with its button or Esc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setObjectName("Banner")
+        h = QHBoxLayout(self)
+        h.setContentsMargins(12, 8, 8, 8)
+        self.icon = QLabel()
+        self.text = QLabel()
+        self.text.setObjectName("BannerText")
+        self.text.setWordWrap(True)
+        self.text.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.close_button = QToolButton()
+        self.close_button.setProperty("flat", True)
+        self.close_button.setAccessibleName("Dismiss message")
+        self.close_button.clicked.connect(self.hide)
+        h.addWidget(self.icon)
+        h.addWidget(self.text, 1)
+        h.addWidget(self.close_button)
+        self.setVisible(False)
+        self.setAccessibleName("Message")
+
+    def show_message(self, text: str) -> None:
+        c = colors()
+        self.icon.setPixmap(icon("warning", c.danger).pixmap(18, 18))
+        self.close_button.setIcon(icon("close", c.muted))
+        self.text.setText(text)
+        self.setAccessibleDescription(text)
+        self.setVisible(True)
+
+
+class MainWindow(QMainWindow):
+    state_changed = Signal(object)
+    answer_finished = Signal()  # after the view shows a finished, stopped or failed answer
+    model_ready = Signal(str)
+
+    def __init__(self, services: Services) -> None:
+        super().__init__()
+        self.services = services
+        self.setWindowTitle("Owl")
+        self.setObjectName("MainWindow")
+        self.resize(1120, 760)
+        self.setMinimumSize(QSize(720, 480))
+        self.setAcceptDrops(True)
+        self.state = State.NO_MODEL
+        self.current_id: Any = None
+        self._pending_submission: tuple[str, list] | None = None
+        self._pending_images: list = []
+        self._last_submission: tuple[str, list] | None = None
+        self._models_window: Any = None
+        self._closing = False
+
+        self.engine = EngineHost(services.chat, self)
+        self.runner = TaskRunner(self)
+        self.models = ModelController(services.models, self.runner, self)
+
+        self.sidebar = Sidebar()
+        self.welcome = WelcomePage(self.models)
+        self.chat = ChatView(services.images)
+        self.composer = Composer()
+        self.banner = Banner()
+        self.status = StatusLine()
+        self.title = QLabel("New conversation")
+        self.title.setObjectName("ChatTitle")
+        self._build_layout()
+        self._connect()
+        self._shortcuts()
+        self.composer.set_send_on_enter(bool(getattr(services.settings, "send_on_enter", True)))
+        theme_bus().changed.connect(self._retint)
+        self._retint()
+
+    # ------------------------------------------------------------ layout
+
+    def _build_layout(self) -> None:
+        chat_page = QWidget()
+        v = QVBoxLayout(chat_page)
+        v.setContentsMargins(0, 0, 0, 0)
+        v.setSpacing(0)
+        header = QFrame()
+        header.setObjectName("ChatHeader")
+        hh = QHBoxLayout(header)
+        hh.setContentsMargins(20, 10, 12, 10)
+        hh.addWidget(self.title, 1)
+        self.export_button = QToolButton()
+        self.export_button.setProperty("flat", True)
+        self.export_button.setToolTip("Export this conversation (Ctrl+E)")
+        self.export_button.setAccessibleName("Export conversation")
+        self.export_button.clicked.connect(lambda: self.export_conversation(self.current_id))
+        hh.addWidget(self.export_button)
+        v.addWidget(header)
+        banner_box = QWidget()
+        bb = QVBoxLayout(banner_box)
+        bb.setContentsMargins(20, 8, 20, 0)
+        bb.addWidget(self.banner)
+        v.addWidget(banner_box)
+        v.addWidget(self.chat, 1)
+        composer_box = QWidget()
+        cb = QHBoxLayout(composer_box)
+        cb.setContentsMargins(20, 6, 20, 14)
+        cb.addWidget(self.composer)
+        v.addWidget(composer_box)
+        self.chat_page = chat_page
+
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self.welcome)
+        self.pages.addWidget(chat_page)
+        splitter = QSplitter()
+        splitter.addWidget(self.sidebar)
+        splitter.addWidget(self.pages)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([260, 860])
+        splitter.setChildrenCollapsible(False)
+        splitter.setHandleWidth(1)
+        root = QWidget()
+        rv = QVBoxLayout(root)
+        rv.setContentsMargins(0, 0, 0, 0)
+        rv.setSpacing(0)
+        rv.addWidget(splitter, 1)
+        rv.addWidget(self.status)
+        self.setCentralWidget(root)
+
+    def _connect(self) -> None:
+        s = self.sidebar
+        s.new_requested.connect(self.new_conversation)
+        s.selected.connect(self.open_conversation)
+        s.search_changed.connect(lambda text: self.refresh_conversations(text))
+        s.rename_requested.connect(self.rename_conversation)
+        s.delete_requested.connect(self.delete_conversation)
+        s.export_requested.connect(self.export_conversation)
+        s.import_requested.connect(self.import_conversation)
+        s.models_requested.connect(self.show_models)
+        s.settings_requested.connect(self.show_settings)
+        c = self.composer
+        c.send_requested.connect(self.send)
+        c.edit_submitted.connect(self.edit_and_resend)
+        c.stop_requested.connect(self.stop)
+        c.refused.connect(self.show_error)
+        c.open_requested.connect(self._open_pending_images)
+        self.chat.regenerate_requested.connect(self.regenerate)
+        self.chat.edit_requested.connect(self.composer.start_edit)
+        self.chat.image_requested.connect(self.show_images)
+        w = self.engine.worker
+        w.model_loading.connect(self._on_model_loading)
+        w.model_loaded.connect(self._on_model_loaded)
+        w.model_failed.connect(self._on_model_failed)
+        w.progress.connect(self._on_engine_progress)
+        w.started.connect(self._on_started)
+        w.piece.connect(self.chat.append_text)
+        w.finished.connect(self._on_finished)
+        w.failed.connect(self._on_failed)
+        self.welcome.model_ready.connect(self.load_model)
+        self.welcome.open_models.connect(self.show_models)
+        self.models.installed_changed.connect(self._on_installed_changed)
+
+    def _shortcuts(self) -> None:
+        for keys, slot in (
+            ("Ctrl+N", self.new_conversation),
+            ("Ctrl+F", lambda: self.sidebar.search.setFocus()),
+            ("Ctrl+L", lambda: self.composer.edit.setFocus()),
+            ("Ctrl+O", self.composer.choose_files),
+            ("Ctrl+M", self.show_models),
+            ("Ctrl+,", self.show_settings),
+            ("Ctrl+E", lambda: self.export_conversation(self.current_id)),
+            ("Ctrl+Shift+R", self.regenerate),
+            ("Ctrl+Shift+V", self.paste_image),
+        ):
+            QShortcut(QKeySequence(keys), self, activated=slot)
+        QShortcut(QKeySequence(Qt.Key.Key_Escape), self, activated=self._escape)
+
+    def _retint(self, _colors: object = None) -> None:
+        self.export_button.setIcon(icon("export", colors().muted))
+        if self.banner.isVisible():
+            self.banner.show_message(self.banner.text.text())
+
+    # ------------------------------------------------------------ start
+
+    def start(self) -> None:
+        """Show the conversations and load the last model (or offer one on the welcome page)."""
+        self.refresh_conversations()
+        ids = self.models.installed_ids() or [m.id for m in self._installed_from_service()]
+        last = getattr(self.services.settings, "last_model_id", None)
+        if ids:
+            self.pages.setCurrentWidget(self.chat_page)
+            self.load_model(last if last in ids else ids[0])
+        else:
+            self.show_welcome()
+        conversations = self.services.store.list()
+        if conversations:
+            self.open_conversation(conversations[0].id)
+        self.composer.edit.setFocus()
+
+    def _installed_from_service(self) -> list[Any]:
+        try:
+            return list(self.services.chat.installed_models())
+        except Exception:  # noqa: BLE001
+            return []
+
+    def show_welcome(self) -> None:
+        self.pages.setCurrentWidget(self.welcome)
+        self.welcome.refresh()
+
+    # ------------------------------------------------------------ state
+
+    def set_state(self, state: State) -> None:
+        self.state = state
+        self.composer.set_busy(state is State.ANSWERING)
+        self.state_changed.emit(state)
+
+    # ------------------------------------------------------------ model
+
+    def load_model(self, model_id: str) -> None:
+        if self.engine.busy:
+            self.stop()
+        self.pages.setCurrentWidget(self.chat_page)
+        self.set_state(State.LOADING)
+        self.engine.load(model_id)
+
+    def _on_model_loading(self, ref: str) -> None:
+        self.status.set_model(ref)
+        self.status.set_activity("loading the model…", None, True)
+
+    def _on_engine_progress(self, p: Any) -> None:
+        if self.state is State.LOADING:
+            self.status.set_activity(f"{p.stage}…", p.fraction, True)
+
+    def _on_model_loaded(self, model_id: str, device: str) -> None:
+        self.status.set_model(model_id, device)
+        self.status.set_activity("")
+        self.set_state(State.READY)
+        self.services.settings.last_model_id = model_id
+        self._save_settings()
+        if self._models_window is not None:
+            self._models_window.set_loaded(model_id)
+        self.model_ready.emit(model_id)
+        if self._pending_submission is not None:
+            text, sources = self._pending_submission
+            self._pending_submission = None
+            self._ask(text, sources)
+
+    def _on_model_failed(self, message: str) -> None:
+        self.status.set_model(None)
+        self.status.set_activity("")
+        self.set_state(State.NO_MODEL)
+        self.show_error(f"The model could not be loaded: {message}")
+
+    def _on_installed_changed(self) -> None:
+        if self.state is State.NO_MODEL and self.pages.currentWidget() is self.welcome:
+            self.welcome.refresh()
+
+    # ------------------------------------------------------------ conversations
+
+    def refresh_conversations(self, search: str | None = None) -> None:
+        query = self.sidebar.search.text().strip() if search is None else search
+        try:
+            conversations = self.services.store.list(search=query or None)
+        except Exception as exc:  # noqa: BLE001
+            self.show_error(user_message(exc))
+            return
+        self.sidebar.set_conversations(conversations, self.current_id)
+
+    def new_conversation(self) -> None:
+        """An empty chat; it is stored when its first question is sent."""
+        if self.state is State.ANSWERING:
+            return
+        self.current_id = None
+        self.title.setText("New conversation")
+        self.chat.clear()
+        self.sidebar.list.clearSelection()
+        self.sidebar.list.setCurrentItem(None)
+        self.composer.edit.setFocus()
+
+    def open_conversation(self, conv_id: Any) -> None:
+        if self.state is State.ANSWERING and conv_id != self.current_id:
+            self.sidebar.select(self.current_id)
+            self.show_error("Stop the answer being written before switching conversations.")
+            return
+        try:
+            conv = self.services.store.get(conv_id)
+            messages = self.services.store.messages(conv_id)
+        except Exception as exc:  # noqa: BLE001
+            self.show_error(user_message(exc))
+            return
+        if conv_id != self.current_id:
+            self.chat.clear()
+        self.current_id = conv_id
+        self.title.setText(conv.title)
+        self.chat.show_messages(messages)
+        self.sidebar.select(conv_id)
+        if self.pages.currentWidget() is not self.welcome:
+            self.pages.setCurrentWidget(self.chat_page)
+
+    def rename_conversation(self, conv_id: Any, title: str) -> None:
+        try:
+            self.services.store.rename(conv_id, title)
+        except Exception as exc:  # noqa: BLE001
+            self.show_error(user_message(exc))
+            return
+        if conv_id == self.current_id:
+            self.title.setText(title)
+        self.refresh_conversations()
+
+    def delete_conversation(self, conv_id: Any, confirm: bool = True) -> None:
+        if self.state is State.ANSWERING and conv_id == self.current_id:
+            self.show_error("Stop the answer being written before deleting this conversation.")
+            return
+        if confirm:
+            title = self.services.store.get(conv_id).title
+            answer = QMessageBox.question(self, "Delete conversation", f"Delete “{title}”? This cannot be undone.")
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+        try:
+            self.services.store.delete(conv_id)
+        except Exception as exc:  # noqa: BLE001
+            self.show_error(user_message(exc))
+            return
+        if conv_id == self.current_id:
+            self.new_conversation()
+        self.refresh_conversations()
+
+    def export_conversation(self, conv_id: Any, target: Path | None = None) -> Path | None:
+        from owl_desktop.store import exchange
+
+        if conv_id is None:
+            self.show_error("Open a conversation to export it.")
+            return None
+        if target is None:
+            name, kind = QFileDialog.getSaveFileName(
+                self,
+                "Export conversation",
+                str(Path.home() / "conversation.owlchat.zip"),
+                "Conversation archive (*.owlchat.zip);;Markdown with images (*.md)",
+            )
+            if not name:
+                return None
+            target = Path(name)
+        try:
+            if target.suffix.lower() == ".md":
+                return exchange.export_markdown(self.services.store, self.services.images, conv_id, target)
+            if target.suffix.lower() == ".zip":
+                return exchange.export_zip(self.services.store, self.services.images, conv_id, target)
+            return exchange.export_folder(self.services.store, self.services.images, conv_id, target)
+        except Exception as exc:  # noqa: BLE001
+            self.show_error(f"The conversation could not be exported: {user_message(exc)}")
+            return None
+
+    def import_conversation(self, source: Path | None = None) -> Any:
+        from owl_desktop.store import exchange
+
+        if source is None:
+            name, _ = QFileDialog.getOpenFileName(
+                self,
+                "Import a conversation",
+                str(Path.home()),
+                "Conversations (*.zip *.json);;All files (*)",
+            )
+            if not name:
+                return None
+            source = Path(name)
+            if source.name == "conversation.json":
+                source = source.parent
+        try:
+            conv = exchange.import_conversation(self.services.store, self.services.images, source)
+        except Exception as exc:  # noqa: BLE001
+            self.show_error(f"The conversation could not be imported: {user_message(exc)}")
+            return None
+        self.refresh_conversations()
+        self.open_conversation(conv.id)
+        return conv
+
+    # ------------------------------------------------------------ asking
+
+    def send(self, text: str, images: list) -> None:
+        sources = [(img.source, img.name) for img in images]
+        if self.state is State.ANSWERING:
+            return
+        if self.state is State.NO_MODEL:
+            self._restore_composer(text, images)
+            self.show_error("No model is loaded yet. Download one or try the demo model from the Models window.")
+            return
+        self.banner.hide()
+        self._pending_images = images
+        if self.state is State.LOADING:
+            self._pending_submission = (text, sources)
+            self.status.set_activity("waiting for the model to load…", None, True)
+            return
+        self._ask(text, sources)
+
+    def _ask(self, text: str, sources: list) -> None:
+        if self.current_id is None:
+            try:
+                conv = self.services.store.create()
+            except Exception as exc:  # noqa: BLE001
+                self.show_error(user_message(exc))
+                return
+            self.current_id = conv.id
+            self.chat.clear()
+            self.refresh_conversations()
+        self._last_submission = (text, list(getattr(self, "_pending_images", [])))
+        self.set_state(State.ANSWERING)
+        self.status.set_activity("reading the images…" if sources else "thinking…", None, True)
+        self.engine.ask(self.current_id, text, sources)
+
+    def regenerate(self) -> None:
+        if self.state is not State.READY or self.current_id is None:
+            return
+        self.banner.hide()
+        self._last_submission = None
+        self.set_state(State.ANSWERING)
+        self.status.set_activity("thinking…", None, True)
+        self.engine.regenerate(self.current_id)
+
+    def edit_and_resend(self, msg_id: Any, text: str) -> None:
+        if self.state is not State.READY or self.current_id is None:
+            return
+        self.banner.hide()
+        self._last_submission = None
+        self.set_state(State.ANSWERING)
+        self.engine.edit_and_resend(self.current_id, msg_id, text)
+
+    def stop(self) -> None:
+        if self.engine.busy:
+            self.engine.stop()
+            self.status.set_activity("stopping…", None, True)
+
+    def _escape(self) -> None:
+        if self.state is State.ANSWERING:
+            self.stop()
+        elif self.banner.isVisible():
+            self.banner.hide()
+
+    def _on_started(self, conv_id: Any, user_msg: Any, assistant_msg: Any) -> None:
+        if conv_id != self.current_id:
+            return
+        try:
+            messages = [m for m in self.services.store.messages(conv_id) if m.id != assistant_msg.id]
+        except Exception:  # noqa: BLE001
+            messages = []
+        self.chat.show_messages(messages)
+        self.chat.begin_answer(assistant_msg)
+        self.status.set_activity("answering…", None, True)
+        self._refresh_title(conv_id)
+
+    def _on_finished(self, conv_id: Any, message: Any, record: Any) -> None:
+        if conv_id == self.current_id:
+            self.chat.finish_answer(message, record)
+        self.status.set_record(record)
+        self.status.set_activity("")
+        self.set_state(State.READY)
+        self.refresh_conversations()
+        self.answer_finished.emit()
+
+    def _on_failed(self, conv_id: Any, message: str, stored: bool) -> None:
+        self.chat.fail_answer(message)
+        self.status.set_activity("")
+        if self.state is State.ANSWERING:
+            self.set_state(State.READY if self.services.chat.loaded_model_id else State.NO_MODEL)
+        if not stored and self._last_submission is not None:
+            text, images = self._last_submission
+            self._restore_composer(text, images)
+        self._last_submission = None
+        if conv_id == self.current_id and conv_id is not None:
+            try:
+                self.chat.show_messages(self.services.store.messages(conv_id))
+            except Exception:  # noqa: BLE001 - a conversation deleted meanwhile
+                pass
+        self.show_error(message)
+        self.refresh_conversations()
+        self.answer_finished.emit()
+
+    def _restore_composer(self, text: str, images: list) -> None:
+        if not self.composer.text().strip():
+            self.composer.edit.setPlainText(text)
+        if not self.composer.images():
+            for image in images:
+                self.composer.strip.add(image)
+
+    def _refresh_title(self, conv_id: Any) -> None:
+        try:
+            self.title.setText(self.services.store.get(conv_id).title)
+        except Exception:  # noqa: BLE001
+            pass
+        self.refresh_conversations()
+
+    # ------------------------------------------------------------ images
+
+    def paste_image(self) -> None:
+        from PySide6.QtGui import QGuiApplication
+
+        mime = QGuiApplication.clipboard().mimeData()
+        if mime is None or not attachments.mime_has_candidates(mime):
+            self.show_error("The clipboard holds no image.")
+            return
+        self.composer.add_mime(mime)
+
+    def show_images(self, images: list, index: int) -> None:
+        if images:
+            viewer = ImageViewer(images, index, self)
+            viewer.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+            viewer.open()
+
+    def _open_pending_images(self, entries: list, index: int) -> None:
+        import tempfile
+
+        shown = []
+        for source, name in entries:
+            if isinstance(source, bytes):
+                tmp = Path(tempfile.gettempdir()) / f"owl-preview-{abs(hash(source))}.png"
+                if not tmp.exists():
+                    tmp.write_bytes(source)
+                shown.append((tmp, name))
+            else:
+                shown.append((Path(source), name))
+        self.show_images(shown, index)
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802 - Qt override
+        if attachments.mime_has_candidates(event.mimeData()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802 - Qt override
+        event.acceptProposedAction()
+        if self.pages.currentWidget() is self.welcome and self.state is State.NO_MODEL:
+            self.show_error("Get a model first (download it or try the demo); then drop your images again.")
+            return
+        self.composer.add_mime(event.mimeData())
+
+    # ------------------------------------------------------------ messages
+
+    def show_error(self, text: str) -> None:
+        self.banner.show_message(text)
+        if self.pages.currentWidget() is self.welcome:
+            self.status.set_activity(f"⚠ {text}")
+
+    # ------------------------------------------------------------ windows
+
+    def show_models(self) -> Any:
+        from owl_desktop.gui.models_page import ModelsWindow
+
+        if self._models_window is None:
+            self._models_window = ModelsWindow(self.models, self.services.chat.loaded_model_id, self)
+            self._models_window.use_requested.connect(self.load_model)
+        self._models_window.show()
+        self._models_window.raise_()
+        return self._models_window
+
+    def show_settings(self) -> Any:
+        from owl_desktop.gui.settings_dialog import SettingsDialog
+
+        dialog = SettingsDialog(self.services.settings, self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.accepted.connect(lambda: self.apply_settings(dialog.values()))
+        dialog.open()
+        return dialog
+
+    def apply_settings(self, new: Any) -> None:
+        old = self.services.settings
+        engine_changed = old.engine != new.engine
+        for name in ("theme", "system_prompt", "send_on_enter", "data_dir", "sampling", "engine"):
+            setattr(old, name, getattr(new, name))
+        self._save_settings()
+        apply_theme(old.theme)
+        self.composer.set_send_on_enter(old.send_on_enter)
+        model = self.services.chat.loaded_model_id
+        if engine_changed and model and self.state is State.READY:
+            self.load_model(model)
+
+    def _save_settings(self) -> None:
+        try:
+            self.services.settings.save()
+        except Exception as exc:  # noqa: BLE001
+            self.show_error(f"Settings could not be saved: {user_message(exc)}")
+
+    # ------------------------------------------------------------ closing
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt override
+        """Stop the answer (what was written is saved), pause downloads (resumable), free the model."""
+        if not self._closing:
+            self._closing = True
+            self.status.set_activity("closing…", None, True)
+            self.runner.shutdown(timeout_ms=30_000)
+            self.engine.shutdown(timeout_ms=60_000)
+            self._save_settings()
+            if self._models_window is not None:
+                self._models_window.close()
+        event.accept()

@@ -1,0 +1,133 @@
+"""Model downloads, imports, the demo build and removal as background tasks, for the welcome page and the manager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, Signal
+
+from owl_desktop.gui.format import RateMeter, progress_line
+from owl_desktop.gui.workers import TaskHandle, TaskRunner
+from owl_desktop.tasks import Progress, Task
+
+DEMO_KEY = "demo"
+
+
+def entry_key(entry: Any) -> str:
+    repo = getattr(entry, "repo_id", None) or getattr(entry, "repo", None) or str(entry)
+    quant = getattr(entry, "quant", None) or ""
+    return f"{repo}:{quant}" if quant else str(repo)
+
+
+def result_model_id(result: Any) -> str:
+    """The model id from what a job returned: an id, a bundle folder, or an installed-model record."""
+    if isinstance(result, Path):
+        return result.name
+    return str(entry_field(result, "id", "bundle_id", default=result))
+
+
+def entry_field(entry: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = entry.get(name) if isinstance(entry, dict) else getattr(entry, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+class ModelController(QObject):
+    """Runs model jobs on the pool and tells every page about their progress and the installed models."""
+
+    installed_changed = Signal()
+    job_progress = Signal(str, object, str)  # key, Progress, human line (size, speed, time left)
+    job_done = Signal(str, object)  # key, result
+    job_failed = Signal(str, str)  # key, message
+    job_cancelled = Signal(str)
+
+    def __init__(self, manager: Any, runner: TaskRunner, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.manager = manager
+        self.runner = runner
+        self._meters: dict[str, RateMeter] = {}
+
+    # ------------------------------------------------------------ queries (quick, on the GUI thread)
+
+    def catalog(self) -> list[Any]:
+        try:
+            return list(self.manager.catalog())
+        except Exception:  # noqa: BLE001 - an unreadable catalog shows as empty
+            return []
+
+    def installed(self) -> list[Any]:
+        try:
+            return list(self.manager.installed())
+        except Exception:  # noqa: BLE001
+            return []
+
+    def installed_ids(self) -> list[str]:
+        return [str(entry_field(m, "id", "bundle_id", "name", default=m)) for m in self.installed()]
+
+    def running(self, key: str) -> TaskHandle | None:
+        return self.runner.find(key)
+
+    # ------------------------------------------------------------ jobs
+
+    def _start(self, key: str, fn: Any) -> TaskHandle:
+        existing = self.runner.find(key)
+        if existing is not None:
+            return existing
+        meter = RateMeter()
+        self._meters[key] = meter
+        handle = self.runner.start(key, fn)
+        handle.progress.connect(lambda p, k=key: self._on_progress(k, p))
+        handle.succeeded.connect(lambda r, k=key: self._on_done(k, r))
+        handle.failed.connect(lambda m, k=key: self.job_failed.emit(k, m))
+        handle.cancelled.connect(lambda k=key: self.job_cancelled.emit(k))
+        return handle
+
+    def _on_progress(self, key: str, p: Progress) -> None:
+        meter = self._meters.setdefault(key, RateMeter())
+        if p.unit == "B":
+            meter.add(p.done)
+        self.job_progress.emit(key, p, progress_line(p.stage, p.done, p.total, p.unit, meter))
+
+    def _on_done(self, key: str, result: Any) -> None:
+        self.job_done.emit(key, result)
+        if not key.startswith(("preflight:", "verify:")):
+            self.installed_changed.emit()
+
+    def pull(self, entry: Any) -> TaskHandle:
+        repo = entry_field(entry, "repo_id", "repo")
+        quant = entry_field(entry, "quant")
+        extra = {"quant": quant} if quant else {}  # no quant: the manager's default
+        return self._start(entry_key(entry), lambda task: self.manager.pull(repo, task=task, **extra))
+
+    def preflight(self, entry: Any) -> TaskHandle:
+        repo = entry_field(entry, "repo_id", "repo")
+        quant = entry_field(entry, "quant")
+        extra = {"quant": quant} if quant else {}
+        return self._start("preflight:" + entry_key(entry), lambda _task: self.manager.preflight(repo, **extra))
+
+    def build_demo(self) -> TaskHandle:
+        def build(task: Task) -> str:
+            from owl_desktop.devtools.demo import DEMO_BUNDLE_ID, ensure_demo_bundle
+
+            ensure_demo_bundle(task)
+            return DEMO_BUNDLE_ID
+
+        return self._start(DEMO_KEY, build)
+
+    def import_path(self, path: Path) -> TaskHandle:
+        return self._start(f"import:{path}", lambda task: self.manager.import_path(path, task=task))
+
+    def verify(self, model_id: str) -> TaskHandle:
+        return self._start(f"verify:{model_id}", lambda task: self.manager.verify(model_id, task=task))
+
+    def remove(self, model_id: str) -> None:
+        self.manager.remove(model_id)
+        self.installed_changed.emit()
+
+    def cancel(self, key: str) -> None:
+        handle = self.runner.find(key)
+        if handle is not None:
+            handle.cancel()

@@ -1,0 +1,273 @@
+"""The model manager: installed models (use, verify, delete), the catalog (download with speed and time left)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QDialog,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
+
+from owl_desktop.gui import format as fmt
+from owl_desktop.gui.model_controller import ModelController, entry_field, entry_key
+from owl_desktop.gui.welcome import JobCard, fit_badge
+
+
+def _section(title: str) -> QLabel:
+    label = QLabel(title)
+    label.setObjectName("CardTitle")
+    return label
+
+
+class InstalledRow(QFrame):
+    use_clicked = Signal(str)
+    verify_clicked = Signal(str)
+    delete_clicked = Signal(str)
+
+    def __init__(self, model: Any, loaded: bool) -> None:
+        super().__init__()
+        self.setObjectName("Card")
+        self.model_id = str(entry_field(model, "id", "bundle_id", "name", default=model))
+        h = QHBoxLayout(self)
+        h.setContentsMargins(16, 10, 12, 10)
+        text = QVBoxLayout()
+        name = QLabel(self.model_id)
+        name.setObjectName("CardTitle")
+        text.addWidget(name)
+        bits = []
+        if quant := entry_field(model, "quant", "quantization"):
+            bits.append(str(quant))
+        if size := entry_field(model, "size_bytes", "size", "disk_bytes"):
+            bits.append(fmt.size(size))
+        if source := entry_field(model, "source_repo", "repo_id"):
+            bits.append(str(source))
+        if problem := entry_field(model, "problem"):
+            bits.append(f"⚠ {problem}")
+        self.detail = QLabel(" · ".join(bits))
+        self.detail.setObjectName("Muted")
+        text.addWidget(self.detail)
+        h.addLayout(text, 1)
+        if loaded:
+            tag = QLabel("In use")
+            tag.setObjectName("Badge")
+            tag.setProperty("kind", "ok")
+            h.addWidget(tag)
+        self.use = QPushButton("Use")
+        self.use.setProperty("primary", True)
+        self.use.setEnabled(not loaded)
+        self.use.setAccessibleName(f"Use {self.model_id}")
+        self.verify = QPushButton("Verify")
+        self.verify.setAccessibleName(f"Verify {self.model_id}")
+        self.delete = QPushButton("Delete")
+        self.delete.setProperty("danger", True)
+        self.delete.setAccessibleName(f"Delete {self.model_id}")
+        self.use.clicked.connect(lambda: self.use_clicked.emit(self.model_id))
+        self.verify.clicked.connect(lambda: self.verify_clicked.emit(self.model_id))
+        self.delete.clicked.connect(lambda: self.delete_clicked.emit(self.model_id))
+        for b in (self.verify, self.delete, self.use):
+            h.addWidget(b)
+
+
+class ModelsWindow(QDialog):
+    """Non-modal: downloads keep going while the user chats, and survive closing this window."""
+
+    use_requested = Signal(str)
+
+    def __init__(self, models: ModelController, loaded_id: Any = None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Models")
+        self.setObjectName("ModelsWindow")
+        self.models = models
+        self.loaded_id = loaded_id
+        self.confirm_delete = True
+        self.resize(760, 640)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(20, 18, 20, 18)
+        outer.setSpacing(12)
+        top = QHBoxLayout()
+        head = QLabel("Models")
+        head.setObjectName("Headline")
+        top.addWidget(head, 1)
+        self.import_button = QPushButton("Import a model…")
+        self.import_button.setAccessibleName("Import a model folder")
+        self.import_button.clicked.connect(self.choose_import)
+        top.addWidget(self.import_button)
+        outer.addLayout(top)
+        self.notice = QLabel()
+        self.notice.setObjectName("Muted")
+        self.notice.setWordWrap(True)
+        self.notice.setVisible(False)
+        outer.addWidget(self.notice)
+        scroll = QScrollArea()
+        scroll.setObjectName("ChatScroll")
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        body = QWidget()
+        self._column = QVBoxLayout(body)
+        self._column.setContentsMargins(0, 0, 6, 0)
+        self._column.setSpacing(10)
+        scroll.setWidget(body)
+        outer.addWidget(scroll, 1)
+        self._cards: dict[str, JobCard] = {}
+        self._installed_rows: list[InstalledRow] = []
+        models.installed_changed.connect(self.refresh)
+        models.job_progress.connect(self._on_progress)
+        models.job_done.connect(self._on_done)
+        models.job_failed.connect(self._on_failed)
+        models.job_cancelled.connect(self._on_cancelled)
+        self.refresh()
+
+    def set_loaded(self, model_id: Any) -> None:
+        self.loaded_id = model_id
+        self.refresh()
+
+    # ------------------------------------------------------------ content
+
+    def refresh(self) -> None:
+        while self._column.count():
+            item = self._column.takeAt(0)
+            if (w := item.widget()) is not None:
+                w.deleteLater()
+        self._cards.clear()
+        self._installed_rows.clear()
+        self._column.addWidget(_section("On this computer"))
+        installed = self.models.installed()
+        if not installed:
+            empty = QLabel("No models yet. Download one below, or import a converted model folder.")
+            empty.setObjectName("Muted")
+            self._column.addWidget(empty)
+        for model in installed:
+            model_id = str(entry_field(model, "id", "bundle_id", "name", default=model))
+            row = InstalledRow(model, model_id == self.loaded_id)
+            row.use_clicked.connect(self.use_requested)
+            row.verify_clicked.connect(self._verify)
+            row.delete_clicked.connect(self._delete)
+            self._installed_rows.append(row)
+            self._column.addWidget(row)
+        self._column.addSpacing(8)
+        self._column.addWidget(_section("Available to download"))
+        catalog = self.models.catalog()
+        if not catalog:
+            empty = QLabel("The catalog is not available.")
+            empty.setObjectName("Muted")
+            self._column.addWidget(empty)
+        for entry in catalog:
+            self._column.addWidget(self._catalog_card(entry))
+        self._column.addStretch(1)
+
+    def installed_ids(self) -> list[str]:
+        return [r.model_id for r in self._installed_rows]
+
+    def _catalog_card(self, entry: Any) -> JobCard:
+        key = entry_key(entry)
+        name = entry_field(entry, "title", "name", "display_name", default=key)
+        quant = entry_field(entry, "quant", default="")
+        desc = entry_field(entry, "description", "summary", default=str(entry_field(entry, "repo_id", default="")))
+        card = JobCard(f"{name}" + (f"  ·  {quant}" if quant else ""), str(desc), "Download", f"Download {name}")
+        size = entry_field(entry, "download_bytes", "size_bytes", "size")
+        card.set_badges([(f"{fmt.size(size)}", "info")])
+        card.button.clicked.connect(lambda _=False, e=entry, c=card: self._download(e, c))
+        card.cancel.setText("Pause")
+        card.cancel.setToolTip("Stop the download; starting it again continues where it left off")
+        card.cancel.clicked.connect(lambda _=False, k=key: self.models.cancel(k))
+        self._cards[key] = card
+        if self.models.running(key) is not None:
+            card.set_running(True)
+            card.set_progress(None, "downloading…")
+        preflight = self.models.preflight(entry)
+        preflight.succeeded.connect(lambda r, c=card, s=size: self._on_preflight(c, s, r))
+        return card
+
+    def _on_preflight(self, card: JobCard, size: Any, report: Any) -> None:
+        try:
+            quant = getattr(report, "quant", None)
+            card.set_badges([(str(quant), "info")] * bool(quant) + [(fmt.size(size), "info"), fit_badge(report)])
+        except RuntimeError:  # the card was rebuilt meanwhile
+            pass
+
+    # ------------------------------------------------------------ actions
+
+    def _download(self, entry: Any, card: JobCard) -> None:
+        card.set_running(True)
+        card.set_progress(None, "starting…")
+        self.models.pull(entry)
+
+    def choose_import(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Import a model folder (a bundle or an mPLUG-Owl checkpoint)")
+        if folder:
+            self.import_model(Path(folder))
+
+    def import_model(self, path: Path) -> None:
+        self._say(f"Importing {path.name}…")
+        self.models.import_path(path)
+
+    def _verify(self, model_id: str) -> None:
+        self._say(f"Verifying {model_id}…")
+        self.models.verify(model_id)
+
+    def _delete(self, model_id: str) -> None:
+        if self.confirm_delete:
+            answer = QMessageBox.question(
+                self, "Delete model", f"Delete {model_id} from this computer? Your conversations are kept."
+            )
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+        try:
+            self.models.remove(model_id)
+            self._say(f"{model_id} was deleted.")
+        except Exception as exc:  # noqa: BLE001 - shown, never raised
+            self._say(f"Could not delete {model_id}: {exc}")
+
+    def _say(self, text: str) -> None:
+        self.notice.setText(text)
+        self.notice.setVisible(bool(text))
+
+    # ------------------------------------------------------------ job events
+
+    def _on_progress(self, key: str, p: Any, line: str) -> None:
+        if (card := self._cards.get(key)) is not None:
+            card.set_running(True)
+            card.set_progress(p.fraction, line)
+        elif key.startswith(("import:", "verify:")):
+            self._say(line)
+
+    def _on_done(self, key: str, _result: Any) -> None:
+        if key.startswith("verify:"):
+            self._say(f"{key.split(':', 1)[1]} is complete and intact.")
+        elif key.startswith("import:"):
+            self._say("Imported.")
+        elif (card := self._cards.get(key)) is not None:
+            card.set_running(False)
+            card.set_progress(1.0, "Installed.")
+
+    def _on_failed(self, key: str, message: str) -> None:
+        if (card := self._cards.get(key)) is not None:
+            card.set_running(False)
+            card.line.setText(f"⚠ {message}")
+            card.line.setVisible(True)
+            card.button.setText("Try again")
+        elif not key.startswith("preflight:"):
+            self._say(f"⚠ {message}")
+
+    def _on_cancelled(self, key: str) -> None:
+        if (card := self._cards.get(key)) is not None:
+            card.set_running(False)
+            card.line.setText("Paused. Download again to continue where it stopped.")
+            card.button.setText("Resume")
+
+    def keyPressEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
+        if event.key() == Qt.Key.Key_Escape:
+            self.close()
+        else:
+            super().keyPressEvent(event)

@@ -1,0 +1,72 @@
+"""The line at the bottom: model, device, speed, time to first token, how full the context is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QProgressBar
+
+from owl_desktop.gui.chat_view import record_summary
+
+
+class StatusLine(QFrame):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setObjectName("StatusLine")
+        h = QHBoxLayout(self)
+        h.setContentsMargins(14, 4, 14, 4)
+        h.setSpacing(14)
+        self.model = QLabel("No model loaded")
+        self.model.setAccessibleName("Model")
+        self.device = QLabel()
+        self.device.setAccessibleName("Device")
+        self.activity = QLabel()
+        self.activity.setAccessibleName("Activity")
+        self.busy = QProgressBar()
+        self.busy.setFixedWidth(120)
+        self.busy.setFixedHeight(8)
+        self.busy.setVisible(False)
+        self.speed = QLabel()
+        self.speed.setAccessibleName("Speed of the last answer")
+        self.context = QProgressBar()
+        self.context.setFixedWidth(90)
+        self.context.setFixedHeight(8)
+        self.context.setAccessibleName("Context used")
+        self.context.setVisible(False)
+        self.context_label = QLabel()
+        for w in (self.model, self.device, self.activity, self.busy):
+            h.addWidget(w)
+        h.addStretch(1)
+        for w in (self.speed, self.context, self.context_label):
+            h.addWidget(w)
+
+    def set_model(self, model_id: str | None, device: str = "") -> None:
+        self.model.setText(f"Model: {model_id}" if model_id else "No model loaded")
+        short = device.split(" · ")[0].replace("vision: ", "") if device else ""
+        self.device.setText(f"· {short}" if short else "")
+        self.device.setToolTip(device)
+
+    def set_activity(self, text: str, fraction: float | None = None, show_bar: bool = False) -> None:
+        self.activity.setText(text)
+        self.busy.setVisible(show_bar)
+        if show_bar:
+            if fraction is None:
+                self.busy.setRange(0, 0)
+            else:
+                self.busy.setRange(0, 1000)
+                self.busy.setValue(int(fraction * 1000))
+
+    def set_record(self, record: Any) -> None:
+        if record is None:
+            return
+        summary = record_summary(record)
+        self.speed.setText(" · ".join(p for p in summary.split(" · ") if "tok/s" in p or "first token" in p))
+        used = getattr(record, "context_used", 0) or 0
+        size = getattr(record, "context_size", 0) or 0
+        if size:
+            self.context.setVisible(True)
+            self.context.setRange(0, size)
+            self.context.setValue(min(used, size))
+            pct = round(100 * used / size)
+            self.context_label.setText(f"context {pct}% ({used} / {size})")
+            self.context.setToolTip(f"{used} of {size} context positions used")

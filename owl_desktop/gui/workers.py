@@ -1,0 +1,278 @@
+"""Threads: the engine worker on its own QThread, and a pool for downloads and conversions.
+
+The GUI thread never waits on either: requests go out as queued signals, results come back as signals.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Signal, Slot
+
+from owl_desktop.errors import Cancelled, OwlError
+from owl_desktop.tasks import CancelToken, Progress, Task
+
+
+def user_message(exc: BaseException) -> str:
+    """The one line a user sees for an error: ours as written, anything else without a traceback."""
+    if isinstance(exc, OwlError):
+        return exc.message
+    if isinstance(exc, MemoryError):
+        return "Out of memory. Try a smaller model or a shorter context."
+    if isinstance(exc, OSError):
+        return f"A file could not be read or written: {exc.strerror or exc}"
+    return f"Something went wrong: {exc.__class__.__name__}: {exc}"
+
+
+class EngineWorker(QObject):
+    """Owns the ChatService's use of the model. Lives on the engine thread; every slot runs there."""
+
+    model_loading = Signal(str)  # model ref
+    model_loaded = Signal(str, str)  # model id, device description
+    model_failed = Signal(str)  # message
+    model_unloaded = Signal()
+    progress = Signal(object)  # tasks.Progress
+    started = Signal(object, object, object)  # conversation id, user message, assistant message
+    piece = Signal(str)
+    finished = Signal(object, object, object)  # conversation id, message, record
+    failed = Signal(object, str, bool)  # conversation id, message, whether the question was stored
+    idle = Signal()  # the current request is over, whatever the outcome
+
+    def __init__(self, service: Any) -> None:
+        super().__init__()
+        self._service = service
+        self._load_cancel = CancelToken()
+
+    @property
+    def service(self) -> Any:
+        return self._service
+
+    # ----------------------------------------------------------- model
+
+    @Slot(str)
+    def load(self, ref: str) -> None:
+        self._load_cancel = CancelToken()
+        self.model_loading.emit(ref)
+        task = Task(progress=self.progress.emit, cancel=self._load_cancel)
+        try:
+            self._service.load_model(ref, task=task)
+        except Cancelled:
+            self.model_failed.emit("Loading the model was cancelled.")
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a message in the window
+            self.model_failed.emit(user_message(exc))
+        else:
+            model_id = str(getattr(self._service, "loaded_model_id", None) or ref)
+            device = str(getattr(self._service, "device_description", "") or "")
+            self.model_loaded.emit(model_id, device)
+        finally:
+            self.idle.emit()
+
+    @Slot()
+    def unload(self) -> None:
+        try:
+            self._service.unload()
+        finally:
+            self.model_unloaded.emit()
+
+    # ----------------------------------------------------------- chat
+
+    @Slot(object, str, list)
+    def ask(self, conv_id: Any, text: str, sources: list) -> None:
+        """`sources`: (path or bytes, name) pairs; they go into the image store with their names kept."""
+
+        def events() -> Iterable[Any]:
+            try:
+                stored = [self._service.images.add(src, name) for src, name in sources]
+            except Exception as exc:  # noqa: BLE001 - e.g. ImageError: nothing was stored, the question returns
+                self.failed.emit(conv_id, user_message(exc), False)
+                return iter(())
+            return self._service.ask(conv_id, text, stored)
+
+        self._run(conv_id, events)
+
+    @Slot(object)
+    def regenerate(self, conv_id: Any) -> None:
+        self._run(conv_id, lambda: self._service.regenerate(conv_id))
+
+    @Slot(object, object, str)
+    def edit_and_resend(self, conv_id: Any, user_msg_id: Any, text: str) -> None:
+        self._run(conv_id, lambda: self._service.edit_and_resend(conv_id, user_msg_id, text))
+
+    def stop(self) -> None:
+        """Thread-safe: called directly from the GUI thread while a slot runs here."""
+        self._load_cancel.cancel()
+        self._service.stop()
+
+    def _run(self, conv_id: Any, events: Callable[[], Iterable[Any]]) -> None:
+        try:
+            for event in events():
+                kind = type(event).__name__
+                if kind == "Piece":
+                    self.piece.emit(event.text)
+                elif kind == "Started":
+                    self.started.emit(conv_id, event.user_msg, event.assistant_msg)
+                elif kind == "Finished":
+                    self.finished.emit(conv_id, event.message, getattr(event, "record", None))
+                elif kind == "Failed":
+                    stored = getattr(event, "user_msg", None) is not None
+                    self.failed.emit(conv_id, str(event.message), stored)
+        except Exception as exc:  # noqa: BLE001 - a failure is a message, never a traceback
+            self.failed.emit(conv_id, user_message(exc), False)
+        finally:
+            self.idle.emit()
+
+
+class EngineHost(QObject):
+    """Starts the engine thread and forwards requests to the worker as queued signals."""
+
+    load_requested = Signal(str)
+    ask_requested = Signal(object, str, list)
+    regenerate_requested = Signal(object)
+    edit_requested = Signal(object, object, str)
+    unload_requested = Signal()
+
+    def __init__(self, service: Any, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.thread = QThread()
+        self.thread.setObjectName("owl-engine")
+        self.worker = EngineWorker(service)
+        self.worker.moveToThread(self.thread)
+        self.load_requested.connect(self.worker.load)
+        self.ask_requested.connect(self.worker.ask)
+        self.regenerate_requested.connect(self.worker.regenerate)
+        self.edit_requested.connect(self.worker.edit_and_resend)
+        self.unload_requested.connect(self.worker.unload)
+        self.worker.idle.connect(self._on_idle)
+        self._busy = False
+        self.thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def load(self, ref: str) -> None:
+        self._busy = True
+        self.load_requested.emit(ref)
+
+    def ask(self, conv_id: Any, text: str, sources: list) -> None:
+        self._busy = True
+        self.ask_requested.emit(conv_id, text, sources)
+
+    def regenerate(self, conv_id: Any) -> None:
+        self._busy = True
+        self.regenerate_requested.emit(conv_id)
+
+    def edit_and_resend(self, conv_id: Any, user_msg_id: Any, text: str) -> None:
+        self._busy = True
+        self.edit_requested.emit(conv_id, user_msg_id, text)
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    def _on_idle(self) -> None:
+        self._busy = False
+
+    def shutdown(self, timeout_ms: int = 30_000) -> bool:
+        """Stop what runs, free the model on its own thread, end the thread. True when it ended in time."""
+        ended = True
+        if self.thread.isRunning():
+            self.worker.stop()  # the answer ends within a token; the service saves what was written
+            self.thread.quit()  # the event loop ends once the current request returns
+            ended = bool(self.thread.wait(timeout_ms))
+        if ended:
+            close = getattr(self.worker.service, "close", None) or self.worker.service.unload
+            close()  # the engine thread is gone: free the model here
+        return ended
+
+
+# ------------------------------------------------------------------ background tasks
+
+
+class TaskHandle(QObject):
+    """One background job: progress, result, error; `cancel()` from the GUI thread."""
+
+    progress = Signal(object)  # tasks.Progress (at most ~10 per second, plus every stage change)
+    succeeded = Signal(object)
+    failed = Signal(str)
+    cancelled = Signal()
+    ended = Signal()  # after any of the three above
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.token = CancelToken()
+        self.running = True
+
+    def cancel(self) -> None:
+        self.token.cancel()
+
+
+class _Runnable(QRunnable):
+    def __init__(self, fn: Callable[[Task], Any], handle: TaskHandle) -> None:
+        super().__init__()
+        self.setAutoDelete(True)
+        self._fn = fn
+        self._handle = handle
+        self._last_emit = 0.0
+        self._last_stage = ""
+        self._lock = threading.Lock()
+
+    def _report(self, p: Progress) -> None:
+        now = time.monotonic()
+        with self._lock:
+            final = p.total is not None and p.done >= p.total
+            if p.stage == self._last_stage and now - self._last_emit < 0.1 and not final:
+                return
+            self._last_emit, self._last_stage = now, p.stage
+        self._handle.progress.emit(p)
+
+    def run(self) -> None:
+        handle = self._handle
+        try:
+            result = self._fn(Task(progress=self._report, cancel=handle.token))
+        except Cancelled:
+            handle.running = False
+            handle.cancelled.emit()
+        except Exception as exc:  # noqa: BLE001 - reported as a message in the window
+            handle.running = False
+            handle.failed.emit(user_message(exc))
+        else:
+            handle.running = False
+            handle.succeeded.emit(result)
+        handle.ended.emit()
+
+
+class TaskRunner(QObject):
+    """Downloads, conversions, preflights: run in a thread pool with the tasks.Task progress/cancel contract."""
+
+    def __init__(self, parent: QObject | None = None, max_threads: int = 3) -> None:
+        super().__init__(parent)
+        self.pool = QThreadPool()
+        self.pool.setMaxThreadCount(max_threads)
+        self._handles: list[TaskHandle] = []
+
+    def start(self, name: str, fn: Callable[[Task], Any]) -> TaskHandle:
+        handle = TaskHandle(name)
+        self._handles.append(handle)
+        handle.ended.connect(lambda h=handle: self._forget(h))
+        self.pool.start(_Runnable(fn, handle))
+        return handle
+
+    def _forget(self, handle: TaskHandle) -> None:
+        if handle in self._handles:
+            self._handles.remove(handle)
+
+    def running(self) -> list[TaskHandle]:
+        return [h for h in self._handles if h.running]
+
+    def find(self, name: str) -> TaskHandle | None:
+        return next((h for h in self._handles if h.name == name and h.running), None)
+
+    def shutdown(self, timeout_ms: int = 30_000) -> bool:
+        """Cancel every job and wait for them to end (partial downloads stay resumable)."""
+        for handle in list(self._handles):
+            handle.cancel()
+        return bool(self.pool.waitForDone(timeout_ms))
