@@ -47,3 +47,18 @@ class PromptError(OwlError):
 
 class EngineError(OwlError):
     """The inference engine could not load or run the model."""
+
+
+class DownloadError(OwlError):
+    """A model could not be fetched from the hub: network, access, a corrupt file, or offline mode."""
+
+
+class DownloadPaused(Cancelled):
+    """A download was stopped on request; its partial files are kept and the next pull continues them."""
+
+    def __init__(self, message: str = "download paused; pull again to resume") -> None:
+        super().__init__(message)
+
+
+class PreflightError(OwlError):
+    """A model will not fit this machine (disk or memory), found before anything was downloaded."""

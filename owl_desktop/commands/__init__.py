@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from owl_desktop.commands import ask, bench, convert, demo, dev
+from owl_desktop.commands import ask, bench, convert, demo, dev, models
 
 COMMANDS: list[ModuleType] = [
     dev,
     convert,
+    models,
     ask,
     demo,
     bench,
