@@ -56,8 +56,12 @@ class Task:
         self.cancel_token = cancel or CancelToken()
 
     def report(self, stage: str, done: float, total: float | None = None, unit: str = "") -> None:
+        self.emit(Progress(stage, done, total, unit))
+
+    def emit(self, progress: Progress) -> None:
+        """Pass a ready-made Progress (or a richer subclass, e.g. a download's speed and time left)."""
         if self._progress is not None:
-            self._progress(Progress(stage, done, total, unit))
+            self._progress(progress)
 
     def check(self) -> None:
         """Raise `Cancelled` if the job was cancelled; call between units of work."""

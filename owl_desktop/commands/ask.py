@@ -38,7 +38,8 @@ def register(sub: Any) -> None:
     chat.set_defaults(func=run_chat)
 
 
-def print_notes(record: Any, stream: Any = sys.stderr) -> None:
+def print_notes(record: Any, stream: Any = None) -> None:
+    stream = stream or sys.stderr
     if record.dropped_turns:
         print(f"[{record.dropped_turns} earlier turn(s) left out to fit the context]", file=stream)
     if record.stop_reason == "length":
@@ -67,8 +68,9 @@ def record_json(record: Any) -> dict[str, Any]:
     }
 
 
-def stream_answer(answer: Any, out: Any = sys.stdout) -> None:
+def stream_answer(answer: Any, out: Any = None) -> None:
     """Print an answer as it streams; Ctrl+C stops it and keeps what was written."""
+    out = out or sys.stdout  # looked up per call, so redirected output (and pytest's capture) is honoured
     try:
         for piece in answer:
             out.write(piece)
