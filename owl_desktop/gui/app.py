@@ -87,6 +87,7 @@ class Services:
 def build_services() -> Services:
     from owl_desktop.app.chat_service import ChatService
     from owl_desktop.app.settings import Settings, apply_data_dir
+    from owl_desktop.hub.manager import ModelManager
     from owl_desktop.store.conversations import ConversationStore
     from owl_desktop.store.images import ImageStore
 
@@ -95,35 +96,7 @@ def build_services() -> Services:
     store = ConversationStore()
     images = ImageStore()
     chat = ChatService(store, images, settings)
-    return Services(settings=settings, store=store, images=images, chat=chat, models=_model_manager(chat))
-
-
-def _model_manager(chat: Any) -> Any:
-    try:
-        from owl_desktop.hub.manager import ModelManager
-    except ImportError:  # a build without the hub: installed models still work, downloads say why they can't
-        return LocalModelsOnly(chat)
-    return ModelManager()
-
-
-class LocalModelsOnly:
-    """Stands in for the hub's ModelManager when it cannot be imported."""
-
-    def __init__(self, chat: Any) -> None:
-        self._chat = chat
-
-    def catalog(self) -> list[Any]:
-        return []
-
-    def installed(self) -> list[Any]:
-        return list(self._chat.installed_models())
-
-    def _unavailable(self, *_args: Any, **_kwargs: Any) -> Any:
-        from owl_desktop.errors import OwlError
-
-        raise OwlError("Downloading and managing models is not available in this build.")
-
-    preflight = pull = import_path = verify = remove = _unavailable
+    return Services(settings=settings, store=store, images=images, chat=chat, models=ModelManager())
 
 
 def run(argv: list[str] | None = None) -> int:
