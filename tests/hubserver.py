@@ -11,8 +11,10 @@ Errors carry the hub's X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFou
 
 Faults (`inject`): "drop" closes the connection after byte `at` of a file, "stall" sends up to `at` and then
 nothing for `seconds`, "corrupt" flips the byte at `at`, "status" answers `status` instead. Each applies to `times`
-requests (-1: all). `bytes_sent(file)` counts body bytes sent; `hits` records every request. Everything stops with
-`stop()` (or the context manager): stalls wake up, threads are daemons, and nothing listens beyond loopback.
+requests (-1: all). `throttle(bytes_per_s)` slows every file body to that rate (0: full speed) from its next chunk on,
+so a download can be watched mid-way and then sped up. `bytes_sent(file)` counts body bytes sent; `hits` records
+every request. Everything stops with `stop()` (or the context manager): stalls and throttled sends wake up, threads
+are daemons, and nothing listens beyond loopback.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     cdn: str = ""
+    rate: float = 0.0  # bytes per second for file bodies; 0: as fast as the socket takes them
 
 
 class HubServer:
@@ -117,6 +120,10 @@ class HubServer:
         with self.state.lock:
             self.state.faults.append(fault)
         return fault
+
+    def throttle(self, bytes_per_s: float) -> None:
+        with self.state.lock:
+            self.state.rate = float(bytes_per_s)
 
     def clear_faults(self) -> None:
         with self.state.lock:
@@ -380,9 +387,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _write(self, name: str, data: bytes, start: int, end: int) -> None:
         pos = start
         while pos < end:
-            chunk = data[pos : min(end, pos + SEND_CHUNK)]
+            with self.state.lock:
+                rate = self.state.rate
+            step = SEND_CHUNK if rate <= 0 else max(1024, min(SEND_CHUNK, int(rate / 20)))
+            chunk = data[pos : min(end, pos + step)]
             self.wfile.write(chunk)
+            if rate > 0:
+                self.wfile.flush()
             with self.state.lock:
                 self.state.sent[name] += len(chunk)
             pos += len(chunk)
+            if rate > 0 and self.state.stop.wait(len(chunk) / rate):
+                break
         self.wfile.flush()

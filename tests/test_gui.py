@@ -1,6 +1,8 @@
 """The real window, offscreen, with the tiny demo model on the real engine thread.
 
-Screenshots of the main states land in test-artifacts/screenshots/ (or $OWL_SCREENSHOT_DIR); the path is printed.
+The model manager downloads from tests/hubserver.py (a hub on 127.0.0.1 serving the tiny checkpoint under the
+default catalog id). Screenshots of the main states land in test-artifacts/screenshots/ (or $OWL_SCREENSHOT_DIR);
+the path is printed. models-light/-dark are taken mid-way through a real download from that server.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
+from hubserver import Fault, HubServer
 from PIL import Image
 
 pytest.importorskip("pytestqt")
@@ -22,13 +26,15 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from owl_desktop import paths  # noqa: E402
 from owl_desktop.devtools.demo import DEMO_BUNDLE_ID, ensure_demo_bundle  # noqa: E402
+from owl_desktop.devtools.tiny_checkpoint import make_checkpoint  # noqa: E402
 from owl_desktop.gui.app import apply_theme, build_services  # noqa: E402
 from owl_desktop.gui.chat_view import Thumbnail  # noqa: E402
 from owl_desktop.gui.dnd import simulate_drop  # noqa: E402
-from owl_desktop.gui.format import RateMeter, progress_line  # noqa: E402
 from owl_desktop.gui.main_window import MainWindow, State  # noqa: E402
-from owl_desktop.gui.model_controller import entry_key  # noqa: E402
-from owl_desktop.tasks import Progress  # noqa: E402
+from owl_desktop.hub.catalog import DEFAULT_REPO  # noqa: E402
+from owl_desktop.hub.download import partial_path  # noqa: E402
+from owl_desktop.hub.retry import RetryPolicy  # noqa: E402
+from owl_desktop.hub.snapshot import folder_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSWER_MS = 60_000
@@ -81,7 +87,11 @@ WindowFactory = Callable[..., MainWindow]
 
 @pytest.fixture
 def make_window(qtbot, demo_bundle: Path) -> Iterator[WindowFactory]:  # noqa: ANN001
-    def make(with_model: bool = True, theme: str = "light", max_new_tokens: int = 48) -> MainWindow:
+    made: list[MainWindow] = []
+
+    def make(
+        with_model: bool = True, theme: str = "light", max_new_tokens: int = 48, n_ctx: int | None = None
+    ) -> MainWindow:
         if with_model:
             link = paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID
             if not link.exists():
@@ -89,8 +99,11 @@ def make_window(qtbot, demo_bundle: Path) -> Iterator[WindowFactory]:  # noqa: A
         services = build_services()
         services.settings.sampling.max_new_tokens = max_new_tokens
         services.settings.engine.threads = 2
+        if n_ctx is not None:
+            services.settings.engine.n_ctx = n_ctx
         apply_theme(theme)
         window = MainWindow(services)
+        made.append(window)
         qtbot.addWidget(window)
         window.resize(1100, 740)
         window.show()
@@ -101,6 +114,8 @@ def make_window(qtbot, demo_bundle: Path) -> Iterator[WindowFactory]:  # noqa: A
         return window
 
     yield make
+    for window in made:
+        window.engine.worker.stop()  # releases an engine held by hold_after_pieces when a test failed early
     apply_theme("light")
 
 
@@ -110,19 +125,19 @@ def urls_mime(files: list[Path]) -> QMimeData:
     return mime
 
 
-def hold_after_pieces(window: MainWindow, n: int) -> threading.Event:
-    """Pause the engine thread at its n-th piece (until the returned gate opens, 2 s at most): the tiny model is
-    so fast that a Stop would otherwise race the end of the answer."""
-    gate = threading.Event()
+def hold_after_pieces(window: MainWindow, n: int) -> None:
+    """Hold the engine thread at its n-th piece until the window asks it to stop (Stop, or closing the window): the
+    tiny model is so fast that a Stop would otherwise race the end of the answer. No time limit short enough to
+    run out on a loaded machine; the make_window fixture stops every window's engine at teardown."""
     count = [0]
+    worker = window.engine.worker
 
     def hold(_piece: str) -> None:
         count[0] += 1
         if count[0] == n:
-            gate.wait(2.0)
+            worker.stopping.wait(ANSWER_MS / 1000)
 
-    window.engine.worker.piece.connect(hold, Qt.ConnectionType.DirectConnection)
-    return gate
+    worker.piece.connect(hold, Qt.ConnectionType.DirectConnection)
 
 
 def ask(qtbot, window: MainWindow, text: str) -> None:  # noqa: ANN001
@@ -167,7 +182,7 @@ def test_stop_mid_answer_keeps_the_partial_text(qtbot, make_window, pictures) ->
     window.composer.add_files([pictures[0]])
     pieces: list[str] = []
     window.engine.worker.piece.connect(pieces.append)
-    gate = hold_after_pieces(window, 3)
+    hold_after_pieces(window, 3)
     qtbot.keyClicks(window.composer.edit, "Describe it at length")
     qtbot.keyClick(window.composer.edit, Qt.Key.Key_Return)
     qtbot.waitUntil(lambda: len(pieces) >= 3, timeout=ANSWER_MS)
@@ -175,13 +190,40 @@ def test_stop_mid_answer_keeps_the_partial_text(qtbot, make_window, pictures) ->
     assert window.composer.send_button.accessibleName() == "Stop"
     with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
         qtbot.mouseClick(window.composer.send_button, Qt.MouseButton.LeftButton)
-        gate.set()
     answer = window.services.store.messages(window.current_id)[-1]
     assert answer.role == "assistant" and answer.stopped
     assert answer.text and answer.text == window.chat.bubbles()[-1].text
     assert len(answer.text) < 1500 * 8
     assert "stopped" in window.chat.bubbles()[-1].meta.text()
     assert window.state is State.READY and window.composer.send_button.accessibleName() == "Send"
+
+
+def test_stop_works_when_the_question_goes_out_before_the_load_has_ended(qtbot, make_window, pictures) -> None:  # noqa: ANN001
+    """The window is ready at `model_loaded`; the engine's end-of-request `idle` comes after it and may arrive once
+    the next question is on its way (a loaded machine). Held here in that order: Stop must still stop the answer."""
+    window = make_window(max_new_tokens=1500)
+    question_sent = threading.Event()
+    worker = window.engine.worker
+    worker.model_loaded.connect(
+        lambda *_: question_sent.wait(ANSWER_MS / 1000), Qt.ConnectionType.DirectConnection
+    )  # the engine thread waits here, between model_loaded and its idle
+    window.load_model(DEMO_BUNDLE_ID)  # e.g. after a change of settings
+    qtbot.waitUntil(lambda: window.state is State.READY, timeout=ANSWER_MS)
+    window.composer.add_files([pictures[0]])
+    pieces: list[str] = []
+    worker.piece.connect(pieces.append)
+    hold_after_pieces(window, 3)
+    qtbot.keyClicks(window.composer.edit, "Describe it")
+    qtbot.keyClick(window.composer.edit, Qt.Key.Key_Return)
+    question_sent.set()
+    qtbot.waitUntil(lambda: len(pieces) >= 3, timeout=ANSWER_MS)
+    assert window.engine.busy
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        qtbot.mouseClick(window.composer.send_button, Qt.MouseButton.LeftButton)
+    answer = window.services.store.messages(window.current_id)[-1]
+    assert answer.role == "assistant" and answer.stopped and answer.text
+    assert window.state is State.READY
+    qtbot.waitUntil(lambda: not window.engine.busy)  # its idle follows the answer's end, as the load's did
 
 
 def test_regenerate_replaces_the_last_answer(qtbot, make_window, pictures) -> None:  # noqa: ANN001
@@ -359,6 +401,34 @@ def test_welcome_offers_the_demo_and_it_works(qtbot, make_window, demo_bundle) -
     assert window.services.chat.loaded_model_id == DEMO_BUNDLE_ID
 
 
+def test_a_job_that_ends_at_once_still_reports_to_late_listeners(qtbot, make_window) -> None:  # noqa: ANN001
+    """Callers connect to a job's signals right after starting it (the demo build with the bundle already there
+    ends in a millisecond): its outcome must reach them however the threads were scheduled."""
+    window = make_window(with_model=False)
+    runner = window.models.runner
+    handles = [runner.start(f"instant-{i}", lambda _task, i=i: i) for i in range(20)]
+    runner.pool.waitForDone(10_000)  # every job has ended on its thread before anyone listens
+    results: list[int] = []
+    for handle in handles:
+        handle.succeeded.connect(results.append)
+    qtbot.waitUntil(lambda: len(results) == 20, timeout=ANSWER_MS)
+    assert sorted(results) == list(range(20)) and not any(h.running for h in handles)
+
+
+def test_a_long_session_of_signals_leaves_the_interpreter_whole(make_window) -> None:  # noqa: ANN001
+    """PySide6 6.12.0 drops a reference to True at every emit from Python; a long answer or a download emits tens of
+    thousands of times, and Python 3.11 aborts when True's count runs out. The window guards against that."""
+    import sys
+
+    from owl_desktop.gui import qt_fixes
+
+    make_window(with_model=False)
+    probe = qt_fixes._Probe()
+    for _ in range(30_000):  # more than the references True has in this process (about 12,000)
+        probe.ping.emit()
+    assert sys.getrefcount(True) > 1_000
+
+
 def test_settings_dialog_applies_theme_and_sampling(qtbot, make_window) -> None:  # noqa: ANN001
     window = make_window(with_model=False)
     dialog = window.show_settings()
@@ -378,6 +448,7 @@ def test_screenshots_of_the_main_states(qtbot, make_window, pictures) -> None:  
     for theme in ("light", "dark"):  # first run: no model yet
         welcome = make_window(with_model=False, theme=theme)
         assert welcome.pages.currentWidget() is welcome.welcome
+        qtbot.waitUntil(lambda: welcome.models.runner.running() == [])  # noqa: B023 - the fit badge, now
         save_shot(welcome, f"welcome-{theme}")
         settings = welcome.show_settings()
         qtbot.waitExposed(settings)
@@ -392,16 +463,231 @@ def test_screenshots_of_the_main_states(qtbot, make_window, pictures) -> None:  
         window.composer.add_files(pictures[:1])
         window.composer.edit.setPlainText("And which one is brighter?")
         save_shot(window, f"chat-{theme}")
-        models = window.show_models()
-        qtbot.waitExposed(models)
-        runner = window.models.runner
-        qtbot.waitUntil(lambda: runner.running() == [])  # noqa: B023 - the fit badges, now
-        entry = window.models.catalog()[0]
-        meter = RateMeter()  # a download mid-way, as the pool reports it
-        for t, done in ((0.0, 4.1e9), (4.0, 4.26e9)):
-            meter.add(done, now=t)
-        p = Progress("downloading", 4.26e9, entry.download_bytes, "B")
-        window.models.job_progress.emit(entry_key(entry), p, progress_line(p.stage, p.done, p.total, p.unit, meter))
-        save_shot(models, f"models-{theme}")
         window.close()
     print(f"screenshots in {screenshot_dir()}")
+
+
+# ---------------------------------------------------------------------------------------------------- context
+
+
+def _colour_pictures(folder: Path, n: int) -> list[Path]:
+    out = []
+    for i in range(n):
+        arr = np.full((96, 128, 3), 40 * i, dtype=np.uint8)
+        arr[:, : 32 * (i + 1), i % 3] = 250
+        p = folder / f"shot-{i + 1}.png"
+        Image.fromarray(arr).save(p)
+        out.append(p)
+    return out
+
+
+def test_a_full_context_leaves_out_old_turns_and_refuses_what_cannot_fit(qtbot, make_window, tmp_path) -> None:  # noqa: ANN001
+    """256 positions: one image (65) + the system prompt + a question + 16 for the answer fit, two such turns don't."""
+    window = make_window(n_ctx=256, max_new_tokens=16)
+    shots = _colour_pictures(tmp_path, 4)
+    for i, question in enumerate(["What is in the first one?", "And in this one?"]):
+        window.composer.add_files([shots[i]])
+        ask(qtbot, window, question)
+    assert not window.banner.isVisible()
+    assert [b.role for b in window.chat.bubbles()] == ["user", "assistant"] * 2
+    [notice] = window.chat.notices()
+    assert "oldest turn was left out" in notice
+    stored = window.services.store.messages(window.current_id)
+    assert stored[-1].meta["dropped_turns"] == 1 and stored[-1].meta["context_size"] == 256
+    before = [(m.id, m.role, m.text) for m in stored]
+    shown = [(b.role, b.text) for b in window.chat.bubbles()]
+
+    window.composer.add_files(shots)  # 4 × 65 positions: more than the whole context
+    ask(qtbot, window, "Compare all four")
+    assert window.banner.isVisible()
+    message = window.banner.text.text()
+    assert "too many images for one question" in message and "at most" in message, message
+    assert "Traceback" not in message
+    assert window.state is State.READY
+    after = window.services.store.messages(window.current_id)
+    assert [(m.id, m.role, m.text) for m in after[: len(before)]] == before  # nothing earlier was lost
+    assert [(b.role, b.text) for b in window.chat.bubbles()[: len(shown)]] == shown
+    assert not any(b.role == "error" for b in window.chat.bubbles())
+    assert window.chat.notices() == [notice]
+
+    window.composer.add_files([shots[3]])  # the conversation goes on
+    ask(qtbot, window, "Then just this one?")
+    assert not window.banner.isVisible()
+    assert window.chat.bubbles()[-1].role == "assistant" and window.chat.bubbles()[-1].text
+
+
+# ---------------------------------------------------------------------------------------------------- model manager
+
+BIN = "pytorch_model.bin"
+DOWNLOADED_ID = "mplug-owl-llama-7b-q4_k_m"  # the default catalog entry, converted as Q4_K_M
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("gui-hub") / "mplug-owl-tiny", "bin", preset="tiny", seed=0)
+
+
+@pytest.fixture
+def hub(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
+    """tests/hubserver.py on 127.0.0.1 serving the tiny checkpoint as the default catalog repository, with
+    HF_ENDPOINT pointed at it and the offline mode of conftest lifted (also huggingface_hub's import-time copy)."""
+    server = HubServer()
+    server.add_repo(DEFAULT_REPO, tiny_ckpt)
+    with server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+        yield server
+
+
+def bin_gets(server: HubServer) -> list[str | None]:
+    """The Range header of every GET of the weights file that reached the CDN."""
+    return [h.range for h in server.hits if h.server == "cdn" and h.method == "GET" and h.file == BIN]
+
+
+class CardWatch:
+    """What a model card showed after each progress report of its job: (bar value, bar maximum, line, unit)."""
+
+    def __init__(self, window: MainWindow, models, key: str) -> None:  # noqa: ANN001
+        self.seen: list[tuple[int, int, str, str]] = []
+        self.models = models
+        self.key = key
+        window.models.job_progress.connect(self._on_progress)  # after the window's own: the card is updated
+
+    def _on_progress(self, key: str, p, _line: str) -> None:  # noqa: ANN001
+        card = self.models.card(self.key)
+        if key == self.key and card is not None:
+            self.seen.append((card.progress.value(), card.progress.maximum(), card.line.text(), p.unit))
+
+    def bytes_seen(self) -> list[tuple[int, str]]:
+        """The download's reports (the conversion that follows counts bytes too, per stage)."""
+        return [
+            (value, line)
+            for value, top, line, unit in self.seen
+            if unit == "B" and top == 1000 and line.startswith("downloading")
+        ]
+
+    def downloading_at(self, least: int) -> bool:
+        return any(v >= least and "/s" in line and "left" in line for v, line in self.bytes_seen())
+
+
+def test_models_window_downloads_from_the_hub_and_the_new_model_answers(
+    qtbot, make_window, hub: HubServer, tiny_ckpt: Path, pictures
+) -> None:  # noqa: ANN001
+    window = make_window()  # chatting with the demo model meanwhile
+    models = window.show_models()
+    qtbot.waitExposed(models)
+    card = models.card(DEFAULT_REPO)
+    assert card is not None and card.button.text() == "Download" and card.button.isEnabled()
+    watch = CardWatch(window, models, DEFAULT_REPO)
+    size = (tiny_ckpt / BIN).stat().st_size
+    hub.throttle(size / 4)  # slow enough to watch it for a few seconds, and to take its pictures
+    qtbot.mouseClick(card.button, Qt.MouseButton.LeftButton)
+    assert not card.button.isEnabled() and card.cancel.isVisible() and card.cancel.text() == "Pause"
+    qtbot.waitUntil(lambda: watch.downloading_at(250), timeout=ANSWER_MS)
+    for theme in ("light", "dark"):
+        apply_theme(theme)
+        save_shot(models, f"models-{theme}")
+    apply_theme("light")
+    hub.throttle(0)
+    qtbot.waitUntil(lambda: DOWNLOADED_ID in models.installed_ids(), timeout=ANSWER_MS)
+
+    values = [v for v, _ in watch.bytes_seen()]
+    assert len(set(values)) >= 3 and values == sorted(values), "the bar moved forward with the bytes"
+    lines = [line for _, line in watch.bytes_seen()]
+    assert len(set(lines)) >= 3 and any("MB of" in line and "MB/s" in line for line in lines), lines
+    assert any(line.startswith("quantizing") for _, _, line, _ in watch.seen), "and so did the conversion"
+    assert hub.bytes_sent(BIN) == size
+    assert window.services.chat.loaded_model_id == DEMO_BUNDLE_ID, "a finished download does not swap models"
+
+    row = models.installed_row(DOWNLOADED_ID)
+    assert row is not None and row.use.isEnabled()
+    with qtbot.waitSignal(window.model_ready, timeout=ANSWER_MS):
+        qtbot.mouseClick(row.use, Qt.MouseButton.LeftButton)
+    assert window.state is State.READY and window.services.chat.loaded_model_id == DOWNLOADED_ID
+    window.new_conversation()
+    window.composer.add_files(pictures[:1])
+    pieces: list[str] = []
+    window.engine.worker.piece.connect(pieces.append)
+    ask(qtbot, window, "What is in this picture?")
+    answer = window.services.store.messages(window.current_id)[-1]
+    assert answer.role == "assistant" and answer.text and len(pieces) >= 2
+    assert answer.meta["model_id"] == DOWNLOADED_ID
+    assert not models.installed_row(DOWNLOADED_ID).use.isEnabled()  # "In use" now
+
+
+def test_pause_then_resume_after_a_restart(qtbot, make_window, hub: HubServer, tiny_ckpt: Path) -> None:  # noqa: ANN001
+    size = (tiny_ckpt / BIN).stat().st_size
+    window = make_window(with_model=False)
+    models = window.show_models()
+    qtbot.waitExposed(models)
+    card = models.card(DEFAULT_REPO)
+    watch = CardWatch(window, models, DEFAULT_REPO)
+    hub.throttle(size / 3)
+    qtbot.mouseClick(card.button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: watch.downloading_at(150), timeout=ANSWER_MS)
+    with qtbot.waitSignal(window.models.job_cancelled, timeout=ANSWER_MS):
+        qtbot.mouseClick(card.cancel, Qt.MouseButton.LeftButton)
+    assert card.button.text() == "Resume" and card.button.isEnabled() and card.discard.isVisible()
+    assert "Paused" in card.line.text() and card.progress.isVisible() and card.progress.value() > 0
+    [partial] = window.services.models.partial_downloads()
+    assert partial.repo_id == DEFAULT_REPO and 0 < partial.bytes_done < partial.bytes_total
+    part = partial_path(paths.downloads_dir() / folder_name(DEFAULT_REPO) / BIN)
+    kept = part.stat().st_size
+    assert 0 < kept < size
+    assert window.welcome.download_card.button.text() == "Resume"
+    window.close()
+
+    again = make_window(with_model=False)  # a restart of the app on the same data folder
+    assert again.welcome.download_card.button.text() == "Resume"
+    models = again.show_models()
+    qtbot.waitExposed(models)
+    card = models.card(DEFAULT_REPO)
+    assert card.button.text() == "Resume" and "Paused" in card.line.text()
+    assert card.progress.value() == int(partial.fraction * 1000)
+    save_shot(models, "models-paused-light")
+    hub.throttle(0)
+    qtbot.mouseClick(card.button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: DOWNLOADED_ID in models.installed_ids(), timeout=ANSWER_MS)
+    gets = bin_gets(hub)
+    assert gets[0] is None and gets[-1] == f"bytes={kept}-", gets
+    assert hub.bytes_sent(BIN) < 1.1 * size
+    assert again.services.models.partial_downloads() == []
+    # with no model yet, the welcome page's model is put to use once it is in
+    qtbot.waitUntil(lambda: again.state is State.READY, timeout=ANSWER_MS)
+    assert again.services.chat.loaded_model_id == DOWNLOADED_ID
+
+
+def test_a_failed_download_is_a_message_in_its_card(qtbot, make_window, hub: HubServer, tiny_ckpt: Path) -> None:  # noqa: ANN001
+    window = make_window(with_model=False)
+    window.services.models.retry = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1, stall_timeout=5.0)
+    models = window.show_models()
+    qtbot.waitExposed(models)
+    card = models.card(DEFAULT_REPO)
+    hub.inject(Fault("corrupt", BIN, at=(tiny_ckpt / BIN).stat().st_size // 3, times=-1))
+    with qtbot.waitSignal(window.models.job_failed, timeout=ANSWER_MS):
+        qtbot.mouseClick(card.button, Qt.MouseButton.LeftButton)
+    line = card.line.text()
+    assert line.startswith("⚠") and "corrupted" in line and "sha256" in line, line
+    assert "Traceback" not in line and "\n" not in line
+    assert card.button.text() == "Try again" and card.button.isEnabled() and not card.cancel.isVisible()
+    assert models.installed_ids() == []
+    assert not partial_path(paths.downloads_dir() / folder_name(DEFAULT_REPO) / BIN).exists()
+
+    hub.clear_faults()
+    hub.inject(Fault("status", None, status=500, times=-1))
+    with qtbot.waitSignal(window.models.job_failed, timeout=ANSWER_MS):
+        qtbot.mouseClick(card.button, Qt.MouseButton.LeftButton)
+    line = card.line.text()
+    assert line.startswith("⚠") and "500" in line and "Traceback" not in line, line
+    assert window.welcome.download_card.line.text() == line  # the welcome page tells the same
+    assert not window.banner.isVisible() or "Traceback" not in window.banner.text.text()
+
+    assert card.discard.isVisible()  # the small files of the first try are kept; Discard deletes them
+    models.confirm_delete = False
+    qtbot.mouseClick(card.discard, Qt.MouseButton.LeftButton)
+    assert window.services.models.partial_downloads() == []
+    card = models.card(DEFAULT_REPO)  # the page was rebuilt from the disk
+    assert card.button.text() == "Download" and not card.discard.isVisible() and "freed" in models.notice.text()

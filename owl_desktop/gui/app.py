@@ -10,7 +10,7 @@ from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtGui import QFont, QGuiApplication
 from PySide6.QtWidgets import QApplication
 
-from owl_desktop.gui import theme
+from owl_desktop.gui import qt_fixes, theme
 from owl_desktop.gui.icons import app_icon
 
 APP_DISPLAY_NAME = "Owl"
@@ -42,6 +42,7 @@ def colors() -> theme.Colors:
 
 def create_application(argv: list[str] | None = None) -> QApplication:
     """The one QApplication (reused when it exists, as under pytest-qt)."""
+    qt_fixes.apply()
     existing = QApplication.instance()
     if isinstance(existing, QApplication):
         app = existing

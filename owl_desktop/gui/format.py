@@ -58,15 +58,35 @@ class RateMeter:
         return max(0.0, (total - self._samples[-1][1]) / r)
 
 
-def progress_line(stage: str, done: float, total: float | None, unit: str, meter: RateMeter | None = None) -> str:
-    """e.g. 'downloading · 1.2 GB of 4.1 GB · 35.0 MB/s · 1 min 23 s left'."""
+def progress_line(
+    stage: str,
+    done: float,
+    total: float | None,
+    unit: str,
+    meter: RateMeter | None = None,
+    *,
+    speed: float | None = None,
+    eta: float | None = None,
+) -> str:
+    """e.g. 'downloading · 1.2 GB of 4.1 GB · 35.0 MB/s · 1 min 23 s left'.
+
+    `speed` (bytes/s) and `eta` (s), when the job measured them, are shown instead of the meter's."""
     parts = [stage]
     if unit == "B":
         parts.append(f"{size(done)} of {size(total)}" if total else size(done))
-        if meter is not None and (r := meter.rate()):
-            parts.append(f"{size(r)}/s")
-            if (left := meter.eta(total)) is not None:
-                parts.append(f"{duration(left)} left")
+        if speed is None and meter is not None:
+            speed = meter.rate()
+            eta = meter.eta(total) if speed else None
+        if speed:
+            parts.append(f"{size(speed)}/s")
+            if eta is not None:
+                parts.append(f"{duration(eta)} left")
     elif total:
         parts.append(f"{done:.0f} of {total:.0f} {unit}".rstrip())
     return " · ".join(parts)
+
+
+def paused_line(done: float, total: float | None) -> str:
+    """e.g. 'Paused · 1.2 GB of 4.1 GB downloaded · Resume continues from there, also after a restart'."""
+    got = f"{size(done)} of {size(total)}" if total else size(done)
+    return f"Paused · {got} downloaded · Resume continues from there, also after a restart"

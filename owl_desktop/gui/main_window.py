@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from owl_desktop.gui import attachments
+from owl_desktop.gui import attachments, qt_fixes
 from owl_desktop.gui.app import Services, apply_theme, colors, theme_bus
 from owl_desktop.gui.chat_view import ChatView
 from owl_desktop.gui.composer import Composer
@@ -84,6 +84,7 @@ class MainWindow(QMainWindow):
     model_ready = Signal(str)
 
     def __init__(self, services: Services) -> None:
+        qt_fixes.apply()  # before the threads start (idempotent; the app applies it when it creates itself)
         super().__init__()
         self.services = services
         self.setWindowTitle("Owl")
@@ -197,7 +198,7 @@ class MainWindow(QMainWindow):
         w.piece.connect(self.chat.append_text)
         w.finished.connect(self._on_finished)
         w.failed.connect(self._on_failed)
-        self.welcome.model_ready.connect(self.load_model)
+        self.welcome.model_ready.connect(self._on_model_installed)
         self.welcome.open_models.connect(self.show_models)
         self.models.installed_changed.connect(self._on_installed_changed)
 
@@ -291,6 +292,14 @@ class MainWindow(QMainWindow):
         self.status.set_activity("")
         self.set_state(State.NO_MODEL)
         self.show_error(f"The model could not be loaded: {message}")
+
+    def _on_model_installed(self, model_id: str) -> None:
+        """The welcome page's download or demo finished: use it, unless the user already chats with a model (a
+        download from the model manager can end in the middle of an answer, which must not be cut short)."""
+        if self.state is State.NO_MODEL or self.pages.currentWidget() is self.welcome:
+            self.load_model(model_id)
+        else:
+            self.status.set_activity(f"{model_id} is installed; choose it in Models to use it")
 
     def _on_installed_changed(self) -> None:
         if self.state is State.NO_MODEL and self.pages.currentWidget() is self.welcome:

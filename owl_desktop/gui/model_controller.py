@@ -70,15 +70,26 @@ class ModelController(QObject):
     def running(self, key: str) -> TaskHandle | None:
         return self.runner.find(key)
 
+    def partial_downloads(self) -> list[Any]:
+        """Downloads that stopped before the end (paused, failed, or the app was closed): each can be resumed."""
+        try:
+            return list(self.manager.partial_downloads())
+        except Exception:  # noqa: BLE001 - an unreadable downloads folder shows as none
+            return []
+
+    def partial_download(self, key: str) -> Any:
+        """The partial download behind a pull's key, or None."""
+        return next((d for d in self.partial_downloads() if entry_key(d) == key), None)
+
     # ------------------------------------------------------------ jobs
 
-    def _start(self, key: str, fn: Any) -> TaskHandle:
+    def _start(self, key: str, fn: Any, quick: bool = False) -> TaskHandle:
         existing = self.runner.find(key)
         if existing is not None:
             return existing
         meter = RateMeter()
         self._meters[key] = meter
-        handle = self.runner.start(key, fn)
+        handle = self.runner.start(key, fn, quick=quick)
         handle.progress.connect(lambda p, k=key: self._on_progress(k, p))
         handle.succeeded.connect(lambda r, k=key: self._on_done(k, r))
         handle.failed.connect(lambda m, k=key: self.job_failed.emit(k, m))
@@ -89,7 +100,11 @@ class ModelController(QObject):
         meter = self._meters.setdefault(key, RateMeter())
         if p.unit == "B":
             meter.add(p.done)
-        self.job_progress.emit(key, p, progress_line(p.stage, p.done, p.total, p.unit, meter))
+        # a download reports its own speed and time left (measured where the bytes arrive); else the meter's
+        line = progress_line(
+            p.stage, p.done, p.total, p.unit, meter, speed=getattr(p, "speed", None), eta=getattr(p, "eta", None)
+        )
+        self.job_progress.emit(key, p, line)
 
     def _on_done(self, key: str, result: Any) -> None:
         self.job_done.emit(key, result)
@@ -103,10 +118,16 @@ class ModelController(QObject):
         return self._start(entry_key(entry), lambda task: self.manager.pull(repo, task=task, **extra))
 
     def preflight(self, entry: Any) -> TaskHandle:
+        """The fit badge's estimate: from the catalog and the disk (online=False), never a network call, so a
+        slow or unreachable hub cannot hold it up; the pull itself checks again with the hub's exact sizes."""
         repo = entry_field(entry, "repo_id", "repo")
         quant = entry_field(entry, "quant")
         extra = {"quant": quant} if quant else {}
-        return self._start("preflight:" + entry_key(entry), lambda _task: self.manager.preflight(repo, **extra))
+        return self._start(
+            "preflight:" + entry_key(entry),
+            lambda _task: self.manager.preflight(repo, online=False, **extra),
+            quick=True,
+        )
 
     def build_demo(self) -> TaskHandle:
         def build(task: Task) -> str:
@@ -126,6 +147,12 @@ class ModelController(QObject):
     def remove(self, model_id: str) -> None:
         self.manager.remove(model_id)
         self.installed_changed.emit()
+
+    def discard_download(self, repo_id: str) -> int:
+        """Delete a paused download's files; returns the bytes freed (raises with a message when it runs)."""
+        freed = int(self.manager.discard_download(repo_id))
+        self.installed_changed.emit()
+        return freed
 
     def cancel(self, key: str) -> None:
         handle = self.runner.find(key)

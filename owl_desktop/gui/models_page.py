@@ -21,7 +21,8 @@ from PySide6.QtWidgets import (
 
 from owl_desktop.gui import format as fmt
 from owl_desktop.gui.model_controller import ModelController, entry_field, entry_key
-from owl_desktop.gui.welcome import JobCard, fit_badge
+from owl_desktop.gui.welcome import JobCard, badge, fit_badge
+from owl_desktop.gui.workers import user_message
 
 
 def _section(title: str) -> QLabel:
@@ -59,10 +60,7 @@ class InstalledRow(QFrame):
         text.addWidget(self.detail)
         h.addLayout(text, 1)
         if loaded:
-            tag = QLabel("In use")
-            tag.setObjectName("Badge")
-            tag.setProperty("kind", "ok")
-            h.addWidget(tag)
+            h.addWidget(badge("In use", "ok"), 0, Qt.AlignmentFlag.AlignVCenter)
         self.use = QPushButton("Use")
         self.use.setProperty("primary", True)
         self.use.setEnabled(not loaded)
@@ -155,53 +153,119 @@ class ModelsWindow(QDialog):
             row.delete_clicked.connect(self._delete)
             self._installed_rows.append(row)
             self._column.addWidget(row)
+        catalog = self.models.catalog()
+        partials = {entry_key(d): d for d in self.models.partial_downloads()}
+        others = [d for key, d in partials.items() if key not in {entry_key(e) for e in catalog}]
+        if others:
+            self._column.addSpacing(8)
+            self._column.addWidget(_section("Unfinished downloads"))
+            for download in others:
+                self._column.addWidget(self._partial_card(download))
         self._column.addSpacing(8)
         self._column.addWidget(_section("Available to download"))
-        catalog = self.models.catalog()
         if not catalog:
             empty = QLabel("The catalog is not available.")
             empty.setObjectName("Muted")
             self._column.addWidget(empty)
+        sources = {str(entry_field(m, "source_repo", default="")) for m in installed}
         for entry in catalog:
-            self._column.addWidget(self._catalog_card(entry))
+            self._column.addWidget(self._catalog_card(entry, partials.get(entry_key(entry)), sources))
         self._column.addStretch(1)
 
     def installed_ids(self) -> list[str]:
         return [r.model_id for r in self._installed_rows]
 
-    def _catalog_card(self, entry: Any) -> JobCard:
+    def installed_row(self, model_id: str) -> InstalledRow | None:
+        return next((r for r in self._installed_rows if r.model_id == model_id), None)
+
+    def card(self, key: str) -> JobCard | None:
+        """The download card of a catalog entry or a partial download (by entry_key, e.g. the repo id)."""
+        return self._cards.get(key)
+
+    def _catalog_card(self, entry: Any, partial: Any, installed_sources: set[str]) -> JobCard:
         key = entry_key(entry)
         name = entry_field(entry, "title", "name", "display_name", default=key)
         quant = entry_field(entry, "quant", default="")
         desc = entry_field(entry, "description", "summary", default=str(entry_field(entry, "repo_id", default="")))
         card = JobCard(f"{name}" + (f"  ·  {quant}" if quant else ""), str(desc), "Download", f"Download {name}")
         size = entry_field(entry, "download_bytes", "size_bytes", "size")
-        card.set_badges([(f"{fmt.size(size)}", "info")])
-        card.button.clicked.connect(lambda _=False, e=entry, c=card: self._download(e, c))
+        installed = str(entry_field(entry, "repo_id", default="")) in installed_sources
+        extra = [("Installed", "ok")] if installed else []
+        card.set_badges([(f"{fmt.size(size)}", "info"), *extra])
+        self._wire(card, key, entry, partial)
+        preflight = self.models.preflight(entry)
+        preflight.succeeded.connect(lambda r, c=card, s=size, x=extra: self._on_preflight(c, s, r, x))
+        return card
+
+    def _partial_card(self, download: Any) -> JobCard:
+        """A download of a repository outside the catalog that stopped part way."""
+        key = entry_key(download)
+        repo = str(entry_field(download, "repo_id", default=key))
+        card = JobCard(repo, "A model download that did not finish.", "Resume", f"Resume the download of {repo}")
+        total = entry_field(download, "bytes_total")
+        card.set_badges([(fmt.size(total), "info")] if total else [])
+        self._wire(card, key, download, download)
+        return card
+
+    def _wire(self, card: JobCard, key: str, target: Any, partial: Any) -> None:
+        """Download/Resume, Pause and Discard of a card, and its state now: running, paused part way, or idle."""
+        card.button.clicked.connect(lambda _=False, t=target, c=card: self._download(t, c))
         card.cancel.setText("Pause")
-        card.cancel.setToolTip("Stop the download; starting it again continues where it left off")
+        card.cancel.setAccessibleName(f"Pause {card.title.text()}")
+        card.cancel.setToolTip("Stop the download; Resume continues where it left off, now or after a restart")
         card.cancel.clicked.connect(lambda _=False, k=key: self.models.cancel(k))
+        repo = str(entry_field(target, "repo_id", "repo", default=key))
+        card.discard.clicked.connect(lambda _=False, r=repo: self._discard(r))
         self._cards[key] = card
         if self.models.running(key) is not None:
             card.set_running(True)
             card.set_progress(None, "downloading…")
-        preflight = self.models.preflight(entry)
-        preflight.succeeded.connect(lambda r, c=card, s=size: self._on_preflight(c, s, r))
-        return card
+        elif partial is not None:
+            self._show_partial(card, partial)
 
-    def _on_preflight(self, card: JobCard, size: Any, report: Any) -> None:
+    def _show_partial(self, card: JobCard, download: Any) -> bool:
+        """The card of a download that stopped part way (None: there is none): its bar, what is kept, Resume."""
+        if download is None:
+            return False
+        done = entry_field(download, "bytes_done", default=0)
+        total = entry_field(download, "bytes_total")
+        card.set_paused(entry_field(download, "fraction", default=0.0), fmt.paused_line(done, total))
+        return True
+
+    def _on_preflight(self, card: JobCard, size: Any, report: Any, extra: list[tuple[str, str]]) -> None:
         try:
             quant = getattr(report, "quant", None)
-            card.set_badges([(str(quant), "info")] * bool(quant) + [(fmt.size(size), "info"), fit_badge(report)])
+            badges = [(str(quant), "info")] * bool(quant) + [(fmt.size(size), "info"), fit_badge(report)]
+            card.set_badges(badges + extra)
+            if lines := getattr(report, "lines", None):
+                card.setToolTip("\n".join(lines))
         except RuntimeError:  # the card was rebuilt meanwhile
             pass
 
     # ------------------------------------------------------------ actions
 
     def _download(self, entry: Any, card: JobCard) -> None:
+        partial = self.models.partial_download(entry_key(entry))
         card.set_running(True)
-        card.set_progress(None, "starting…")
+        if partial is not None:
+            card.set_progress(entry_field(partial, "fraction", default=0.0), "resuming…")
+        else:
+            card.set_progress(None, "starting…")
         self.models.pull(entry)
+
+    def _discard(self, repo_id: str) -> None:
+        if self.confirm_delete:
+            answer = QMessageBox.question(
+                self, "Discard download", f"Delete what was downloaded of {repo_id}? It would start from zero."
+            )
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+        try:
+            freed = self.models.discard_download(repo_id)
+        except Exception as exc:  # noqa: BLE001 - shown, never raised
+            self._say(f"Could not discard the download of {repo_id}: {user_message(exc)}")
+            return
+        self._say(f"The download of {repo_id} was discarded ({fmt.size(freed)} freed).")
 
     def choose_import(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Import a model folder (a bundle or an mPLUG-Owl checkpoint)")
@@ -227,7 +291,7 @@ class ModelsWindow(QDialog):
             self.models.remove(model_id)
             self._say(f"{model_id} was deleted.")
         except Exception as exc:  # noqa: BLE001 - shown, never raised
-            self._say(f"Could not delete {model_id}: {exc}")
+            self._say(f"Could not delete {model_id}: {user_message(exc)}")
 
     def _say(self, text: str) -> None:
         self.notice.setText(text)
@@ -253,18 +317,15 @@ class ModelsWindow(QDialog):
 
     def _on_failed(self, key: str, message: str) -> None:
         if (card := self._cards.get(key)) is not None:
-            card.set_running(False)
-            card.line.setText(f"⚠ {message}")
-            card.line.setVisible(True)
-            card.button.setText("Try again")
+            self._show_partial(card, self.models.partial_download(key))  # what was kept; trying again resumes it
+            card.set_failed(message)
         elif not key.startswith("preflight:"):
             self._say(f"⚠ {message}")
 
     def _on_cancelled(self, key: str) -> None:
-        if (card := self._cards.get(key)) is not None:
-            card.set_running(False)
-            card.line.setText("Paused. Download again to continue where it stopped.")
-            card.button.setText("Resume")
+        card = self._cards.get(key)
+        if card is not None and not self._show_partial(card, self.models.partial_download(key)):
+            card.reset()
 
     def keyPressEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
         if event.key() == Qt.Key.Key_Escape:

@@ -156,6 +156,7 @@ QPushButton[danger="true"] {{ color: {c.danger}; }}
 #Bubble[role="error"] {{ background: {c.danger_soft}; border: 1px solid {c.danger}; border-radius: 14px; }}
 #BubbleText {{ color: {c.text}; background: transparent; }}
 #BubbleMeta, #Muted {{ color: {c.muted}; font-size: 9pt; }}
+#Muted[kind="error"] {{ color: {c.danger}; }}
 #Notice {{ color: {c.notice}; font-size: 9pt; font-style: italic; }}
 #Thumb {{ border: 1px solid {c.border}; border-radius: 8px; background: {c.surface}; }}
 
@@ -175,6 +176,7 @@ QProgressBar::chunk {{ background: {c.accent}; border-radius: 4px; }}
 #CardTitle {{ font-size: 11pt; font-weight: 600; color: {c.text}; }}
 #Headline {{ font-size: 20pt; font-weight: 600; color: {c.text}; }}
 #Subhead {{ font-size: 11pt; color: {c.muted}; }}
+#Badge {{ min-height: 14px; }}
 #Badge[kind="ok"] {{ background: #2f9e6a; color: white; border-radius: 9px; padding: 2px 8px; font-size: 8pt; }}
 #Badge[kind="warn"] {{ background: #c98a1b; color: white; border-radius: 9px; padding: 2px 8px; font-size: 8pt; }}
 #Badge[kind="bad"] {{ background: {c.danger}; color: white; border-radius: 9px; padding: 2px 8px; font-size: 8pt; }}

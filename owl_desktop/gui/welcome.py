@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
 from owl_desktop.gui import format as fmt
 from owl_desktop.gui.icons import render
 from owl_desktop.gui.model_controller import DEMO_KEY, ModelController, entry_field, entry_key, result_model_id
+from owl_desktop.gui.workers import user_message
 
 
 def badge(text: str, kind: str) -> QLabel:
@@ -73,16 +74,25 @@ class JobCard(QFrame):
         v.addWidget(self.progress)
         self.line = QLabel()
         self.line.setObjectName("Muted")
+        self.line.setWordWrap(True)
+        self.line.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.line.setVisible(False)
         v.addWidget(self.line)
         row = QHBoxLayout()
         row.addStretch(1)
+        self.discard = QPushButton("Discard")
+        self.discard.setProperty("danger", True)
+        self.discard.setVisible(False)
+        self.discard.setAccessibleName(f"Discard the download of {title}")
+        self.discard.setToolTip("Delete what was downloaded so far")
         self.cancel = QPushButton("Cancel")
         self.cancel.setVisible(False)
         self.cancel.setAccessibleName(f"Cancel {title}")
         self.button = QPushButton(action)
         self.button.setProperty("primary", True)
         self.button.setAccessibleName(accessible)
+        self._action = action
+        row.addWidget(self.discard)
         row.addWidget(self.cancel)
         row.addWidget(self.button)
         v.addLayout(row)
@@ -100,6 +110,43 @@ class JobCard(QFrame):
         self.line.setVisible(running or bool(self.line.text()))
         self.cancel.setVisible(running)
         self.button.setEnabled(not running)
+        self.button.setVisible(not running)  # while it runs, Pause/Cancel is the one action
+        if running:
+            self.discard.setVisible(False)
+
+    def set_paused(self, fraction: float, line: str, action: str = "Resume") -> None:
+        """Stopped part way with the bytes kept: the bar stays at `fraction`, the primary button resumes."""
+        self.set_running(False)
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(int(max(0.0, min(1.0, fraction)) * 1000))
+        self.progress.setVisible(True)
+        self.line.setText(line)
+        self._line_kind(None)
+        self.line.setVisible(True)
+        self.button.setText(action)
+        self.discard.setVisible(True)
+
+    def set_failed(self, message: str, action: str = "Try again") -> None:
+        self.set_running(False)
+        self.line.setText(f"⚠ {message}")
+        self._line_kind("error")
+        self.line.setVisible(True)
+        self.button.setText(action)
+
+    def _line_kind(self, kind: str | None) -> None:
+        if self.line.property("kind") != kind:
+            self.line.setProperty("kind", kind)
+            self.line.style().unpolish(self.line)
+            self.line.style().polish(self.line)
+
+    def reset(self) -> None:
+        """Back to the card's first state: its action, no progress, no message."""
+        self.set_running(False)
+        self.line.setText("")
+        self._line_kind(None)
+        self.line.setVisible(False)
+        self.discard.setVisible(False)
+        self.button.setText(self._action)
 
     def set_progress(self, fraction: float | None, line: str) -> None:
         if fraction is None:
@@ -108,6 +155,7 @@ class JobCard(QFrame):
             self.progress.setRange(0, 1000)
             self.progress.setValue(int(fraction * 1000))
         self.line.setText(line)
+        self._line_kind(None)
         self.line.setVisible(True)
 
 
@@ -151,7 +199,10 @@ class WelcomePage(QScrollArea):
             "Download the default model",
         )
         self.download_card.button.clicked.connect(self.start_download)
+        self.download_card.cancel.setText("Pause")
+        self.download_card.cancel.setAccessibleName("Pause the download")
         self.download_card.cancel.clicked.connect(lambda: self._cancel(self._download_key()))
+        self.download_card.discard.clicked.connect(self._discard)
         column.addWidget(self.download_card)
         self.demo_card = JobCard(
             "Offline demo model",
@@ -196,6 +247,10 @@ class WelcomePage(QScrollArea):
         card.title.setText(str(name))
         size = entry_field(self._entry, "download_bytes", "size_bytes", "size")
         card.set_badges([(f"{fmt.size(size)} download", "info"), fit_badge(None)])
+        if self.models.running(self._download_key()) is not None:
+            card.set_running(True)
+        elif not self._show_partial():
+            card.reset()
         handle = self.models.preflight(self._entry)
         handle.succeeded.connect(self._on_preflight)
         handle.failed.connect(lambda _m: card.set_badges([(f"{fmt.size(size)} download", "info")]))
@@ -215,12 +270,37 @@ class WelcomePage(QScrollArea):
     def _download_key(self) -> str:
         return entry_key(self._entry) if self._entry is not None else ""
 
+    def _show_partial(self) -> bool:
+        """A download of the default model that stopped part way: the card offers to resume it."""
+        partial = self.models.partial_download(self._download_key()) if self._entry is not None else None
+        if partial is None:
+            return False
+        done = entry_field(partial, "bytes_done", default=0)
+        total = entry_field(partial, "bytes_total")
+        self.download_card.set_paused(entry_field(partial, "fraction", default=0.0), fmt.paused_line(done, total))
+        return True
+
     def start_download(self) -> None:
         if self._entry is None:
             return
+        partial = self.models.partial_download(self._download_key())
         self.download_card.set_running(True)
-        self.download_card.set_progress(None, "starting…")
+        if partial is not None:
+            self.download_card.set_progress(entry_field(partial, "fraction", default=0.0), "resuming…")
+        else:
+            self.download_card.set_progress(None, "starting…")
         self.models.pull(self._entry)
+
+    def _discard(self) -> None:
+        if self._entry is None:
+            return
+        repo = str(entry_field(self._entry, "repo_id", default=self._download_key()))
+        try:
+            self.models.discard_download(repo)
+        except Exception as exc:  # noqa: BLE001 - shown in the card, never raised
+            self.download_card.set_failed(user_message(exc), "Resume")
+            return
+        self.download_card.reset()
 
     def start_demo(self) -> None:
         self.demo_card.set_running(True)
@@ -255,15 +335,18 @@ class WelcomePage(QScrollArea):
 
     def _on_failed(self, key: str, message: str) -> None:
         card = self._card(key)
-        if card is not None:
-            card.set_running(False)
-            card.line.setText(f"⚠ {message}")
-            card.line.setVisible(True)
-            card.button.setText("Try again")
+        if card is None:
+            return
+        if card is self.download_card:
+            self._show_partial()  # what was kept (Discard offered); trying again continues from it
+        card.set_failed(message)
 
     def _on_cancelled(self, key: str) -> None:
         card = self._card(key)
-        if card is not None:
-            card.set_running(False)
-            card.line.setText("Stopped. Start again to continue where it left off.")
-            card.line.setVisible(True)
+        if card is None:
+            return
+        if card is self.download_card and self._show_partial():
+            return
+        card.reset()
+        card.line.setText("Stopped. Start again to continue where it left off.")
+        card.line.setVisible(True)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Signal, Slot
+from PySide6.QtCore import QObject, QRunnable, Qt, QThread, QThreadPool, Signal, Slot
 
 from owl_desktop.errors import Cancelled, OwlError
 from owl_desktop.tasks import CancelToken, Progress, Task
@@ -45,6 +45,7 @@ class EngineWorker(QObject):
         super().__init__()
         self._service = service
         self._load_cancel = CancelToken()
+        self.stopping = threading.Event()  # set by stop() until the next request begins (any thread may wait on it)
 
     @property
     def service(self) -> Any:
@@ -54,6 +55,7 @@ class EngineWorker(QObject):
 
     @Slot(str)
     def load(self, ref: str) -> None:
+        self.stopping.clear()
         self._load_cancel = CancelToken()
         self.model_loading.emit(ref)
         task = Task(progress=self.progress.emit, cancel=self._load_cancel)
@@ -105,8 +107,10 @@ class EngineWorker(QObject):
         """Thread-safe: called directly from the GUI thread while a slot runs here."""
         self._load_cancel.cancel()
         self._service.stop()
+        self.stopping.set()  # after the service knows: whoever waits on it sees a stop already in force
 
     def _run(self, conv_id: Any, events: Callable[[], Iterable[Any]]) -> None:
+        self.stopping.clear()
         try:
             for event in events():
                 kind = type(event).__name__
@@ -146,34 +150,37 @@ class EngineHost(QObject):
         self.edit_requested.connect(self.worker.edit_and_resend)
         self.unload_requested.connect(self.worker.unload)
         self.worker.idle.connect(self._on_idle)
-        self._busy = False
+        self._pending = 0  # requests sent and not yet answered by `idle` (each request ends with exactly one)
         self.thread.start()
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        """True from a request until its own `idle`. A count, not a flag: the `idle` of a model load can arrive
+        after the next question was sent (the window is ready at `model_loaded`, which comes first), and must not
+        make that question look finished, or Stop would be ignored."""
+        return self._pending > 0
 
     def load(self, ref: str) -> None:
-        self._busy = True
+        self._pending += 1
         self.load_requested.emit(ref)
 
     def ask(self, conv_id: Any, text: str, sources: list) -> None:
-        self._busy = True
+        self._pending += 1
         self.ask_requested.emit(conv_id, text, sources)
 
     def regenerate(self, conv_id: Any) -> None:
-        self._busy = True
+        self._pending += 1
         self.regenerate_requested.emit(conv_id)
 
     def edit_and_resend(self, conv_id: Any, user_msg_id: Any, text: str) -> None:
-        self._busy = True
+        self._pending += 1
         self.edit_requested.emit(conv_id, user_msg_id, text)
 
     def stop(self) -> None:
         self.worker.stop()
 
     def _on_idle(self) -> None:
-        self._busy = False
+        self._pending = max(0, self._pending - 1)
 
     def shutdown(self, timeout_ms: int = 30_000) -> bool:
         """Stop what runs, free the model on its own thread, end the thread. True when it ended in time."""
@@ -192,7 +199,13 @@ class EngineHost(QObject):
 
 
 class TaskHandle(QObject):
-    """One background job: progress, result, error; `cancel()` from the GUI thread."""
+    """One background job: progress, result, error; `cancel()` from the GUI thread.
+
+    The public signals are emitted on the GUI thread only. The pool thread reports through `_report`, whose one
+    connection (made here, before the job starts) queues each report to the GUI thread; so a caller may connect
+    to the public signals right after `TaskRunner.start()`, even for a job that ends at once, and no signal is
+    connected on one thread while another thread emits it.
+    """
 
     progress = Signal(object)  # tasks.Progress (at most ~10 per second, plus every stage change)
     succeeded = Signal(object)
@@ -200,14 +213,33 @@ class TaskHandle(QObject):
     cancelled = Signal()
     ended = Signal()  # after any of the three above
 
+    _report = Signal(str, object)  # (kind, payload) from the pool thread
+
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
         self.token = CancelToken()
-        self.running = True
+        self.running = True  # read and written on the GUI thread only
+        self._report.connect(self._deliver, Qt.ConnectionType.QueuedConnection)
 
     def cancel(self) -> None:
         self.token.cancel()
+
+    @Slot(str, object)
+    def _deliver(self, kind: str, payload: Any) -> None:
+        if not self.running:
+            return
+        if kind == "progress":
+            self.progress.emit(payload)
+            return
+        self.running = False
+        if kind == "succeeded":
+            self.succeeded.emit(payload)
+        elif kind == "failed":
+            self.failed.emit(str(payload))
+        else:
+            self.cancelled.emit()
+        self.ended.emit()
 
 
 class _Runnable(QRunnable):
@@ -220,50 +252,53 @@ class _Runnable(QRunnable):
         self._last_stage = ""
         self._lock = threading.Lock()
 
-    def _report(self, p: Progress) -> None:
+    def _progress(self, p: Progress) -> None:
         now = time.monotonic()
         with self._lock:
             final = p.total is not None and p.done >= p.total
             if p.stage == self._last_stage and now - self._last_emit < 0.1 and not final:
                 return
             self._last_emit, self._last_stage = now, p.stage
-        self._handle.progress.emit(p)
+        self._handle._report.emit("progress", p)
 
     def run(self) -> None:
-        handle = self._handle
+        report = self._handle._report
         try:
-            result = self._fn(Task(progress=self._report, cancel=handle.token))
+            if self._handle.token.cancelled:
+                raise Cancelled()
+            result = self._fn(Task(progress=self._progress, cancel=self._handle.token))
         except Cancelled:
-            handle.running = False
-            handle.cancelled.emit()
+            report.emit("cancelled", None)
         except Exception as exc:  # noqa: BLE001 - reported as a message in the window
-            handle.running = False
-            handle.failed.emit(user_message(exc))
+            report.emit("failed", user_message(exc))
         else:
-            handle.running = False
-            handle.succeeded.emit(result)
-        handle.ended.emit()
+            report.emit("succeeded", result)
 
 
 class TaskRunner(QObject):
-    """Downloads, conversions, preflights: run in a thread pool with the tasks.Task progress/cancel contract."""
+    """Downloads, conversions, preflights: run in thread pools with the tasks.Task progress/cancel contract.
 
-    def __init__(self, parent: QObject | None = None, max_threads: int = 3) -> None:
+    Two lanes: `quick` jobs (fit estimates for badges, answered from the disk) have their own pool, so they never
+    wait behind downloads and conversions, and a job the user started never waits behind them.
+    """
+
+    def __init__(self, parent: QObject | None = None, max_threads: int = 3, quick_threads: int = 2) -> None:
         super().__init__(parent)
         self.pool = QThreadPool()
         self.pool.setMaxThreadCount(max_threads)
+        self.quick_pool = QThreadPool()
+        self.quick_pool.setMaxThreadCount(quick_threads)
         self._handles: list[TaskHandle] = []
 
-    def start(self, name: str, fn: Callable[[Task], Any]) -> TaskHandle:
+    def start(self, name: str, fn: Callable[[Task], Any], *, quick: bool = False) -> TaskHandle:
         handle = TaskHandle(name)
         self._handles.append(handle)
         handle.ended.connect(lambda h=handle: self._forget(h))
-        self.pool.start(_Runnable(fn, handle))
+        (self.quick_pool if quick else self.pool).start(_Runnable(fn, handle))
         return handle
 
     def _forget(self, handle: TaskHandle) -> None:
-        if handle in self._handles:
-            self._handles.remove(handle)
+        self._handles = [h for h in self._handles if h is not handle]
 
     def running(self) -> list[TaskHandle]:
         return [h for h in self._handles if h.running]
@@ -275,4 +310,7 @@ class TaskRunner(QObject):
         """Cancel every job and wait for them to end (partial downloads stay resumable)."""
         for handle in list(self._handles):
             handle.cancel()
-        return bool(self.pool.waitForDone(timeout_ms))
+        deadline = time.monotonic() + timeout_ms / 1000
+        done = bool(self.pool.waitForDone(timeout_ms))
+        left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        return bool(self.quick_pool.waitForDone(left_ms)) and done
