@@ -30,8 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_open_files(argv: Sequence[str], commands: set[str]) -> tuple[list[str], list[Path]]:
+    """`owl-desktop IMAGE...` (the desktop file's "Open with"): the files to attach, apart from the options."""
+    words = list(argv)
+    if not words or words[0].startswith("-") or words[0] in commands:
+        return words, []
+    files = [Path(w) for w in words if not w.startswith("-")]
+    return [w for w in words if w.startswith("-")], files
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    commands = {m.__name__.rsplit(".", 1)[-1] for m in COMMANDS} | {"help"}
+    argv, open_files = split_open_files(sys.argv[1:] if argv is None else argv, commands)
     args = parser.parse_args(argv)
     if args.self_test:
         from owl_desktop.gui import run_self_test  # Qt is loaded only when the app itself is wanted
@@ -42,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         from owl_desktop.gui import run_app
 
-        return run_app(sys.argv[:1])
+        return run_app(sys.argv[:1], open_files)
     try:
         return int(args.func(args) or 0)
     except OwlError as exc:

@@ -691,3 +691,21 @@ def test_a_failed_download_is_a_message_in_its_card(qtbot, make_window, hub: Hub
     assert window.services.models.partial_downloads() == []
     card = models.card(DEFAULT_REPO)  # the page was rebuilt from the disk
     assert card.button.text() == "Download" and not card.discard.isVisible() and "freed" in models.notice.text()
+
+
+def test_open_with_attaches_the_images_to_a_new_chat(qtbot, make_window, pictures, tmp_path) -> None:  # noqa: ANN001
+    """`owl-desktop a.png b.png` (the desktop file's "Open with"): a new chat with both images waiting."""
+    from owl_desktop.cli import split_open_files
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    argv, files = split_open_files([str(pictures[0]), str(pictures[1]), str(notes)], {"ask", "chat"})
+    assert argv == [] and files == [pictures[0], pictures[1], notes]
+    assert split_open_files(["ask", "--model", "x", "q"], {"ask"}) == (["ask", "--model", "x", "q"], [])
+    window = make_window()
+    refused: list[str] = []
+    window.composer.refused.connect(refused.append)
+    window.open_files(files)
+    assert window.current_id is None
+    assert [i.name for i in window.composer.strip.images()] == [pictures[0].name, pictures[1].name]
+    assert refused and "notes.txt" in refused[0]

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run_app(argv: list[str] | None = None) -> int:
-    """Open the main window and run the event loop until it closes."""
+def run_app(argv: list[str] | None = None, open_files: list[Path] | None = None) -> int:
+    """Open the main window (with `open_files` attached to a new chat) and run the event loop until it closes."""
     from owl_desktop.gui.app import run
 
-    return run(argv)
+    return run(argv, open_files or [])
 
 
 def run_self_test(screenshot: Path | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QObject, Qt, Signal
@@ -100,7 +101,7 @@ def build_services() -> Services:
     return Services(settings=settings, store=store, images=images, chat=chat, models=ModelManager())
 
 
-def run(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None, open_files: list[Path] | None = None) -> int:
     from owl_desktop.gui.main_window import MainWindow
 
     app = create_application(argv)
@@ -109,4 +110,6 @@ def run(argv: list[str] | None = None) -> int:
     window = MainWindow(services)
     window.show()
     window.start()
+    if open_files:
+        window.open_files(open_files)
     return int(app.exec())

@@ -327,6 +327,11 @@ class MainWindow(QMainWindow):
         self.sidebar.list.setCurrentItem(None)
         self.composer.edit.setFocus()
 
+    def open_files(self, files: list[Path]) -> None:
+        """Images handed to the app at launch ("Open with"): a new chat with them attached, ready for a question."""
+        self.new_conversation()
+        self.composer.add_files(files)
+
     def open_conversation(self, conv_id: Any) -> None:
         if self.state is State.ANSWERING and conv_id != self.current_id:
             self.sidebar.select(self.current_id)
