@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from owl_desktop import paths
+from owl_desktop.atomic import write_atomic
 
 if TYPE_CHECKING:  # the engine pulls in torch and llama.cpp: imported only when settings are turned into its types
     from owl_desktop.engine.llm import Sampling
@@ -138,21 +138,8 @@ class Settings:
 
     def save(self, path: Path | None = None) -> Path:
         path = path or default_path()
-        paths.ensure(path.parent)
         data = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomic(path, data.encode("utf-8"))
         return path
 
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from owl_desktop.atomic import atomic_output, write_atomic
 from owl_desktop.store.conversations import Conversation, ConversationStore, ImageRef, Message, StoreError
-from owl_desktop.store.images import ImageStore, write_atomic
+from owl_desktop.store.images import ImageStore
 
 CONVERSATION_FILE = "conversation.json"
 META_FILE = "owlchat.json"
@@ -136,20 +137,13 @@ def export_zip(store: ConversationStore, images: ImageStore, conv_id: str, zip_p
     zip_path = Path(zip_path)
     files = _payload(store, images, conv_id)
     try:
-        zip_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{zip_path.name}.", suffix=".tmp", dir=zip_path.parent)
-        try:
-            with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for rel, data in files.items():
-                    stored = rel.startswith(f"{IMAGES_DIR}/")  # images are compressed already
-                    zf.writestr(rel, data, compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
-            os.replace(tmp, zip_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with (
+            atomic_output(zip_path) as raw,
+            zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf,
+        ):
+            for rel, data in files.items():
+                stored = rel.startswith(f"{IMAGES_DIR}/")  # images are compressed already
+                zf.writestr(rel, data, compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
     except OSError as exc:
         raise StoreError(f"cannot export to {zip_path}: {exc.strerror or exc}") from exc
     return zip_path
