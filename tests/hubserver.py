@@ -400,3 +400,14 @@ class _Handler(BaseHTTPRequestHandler):
             if rate > 0 and self.state.stop.wait(len(chunk) / rate):
                 break
         self.wfile.flush()
+
+
+def point_hub_clients_at(server: HubServer, monkeypatch: Any, tmp_path: Path) -> None:
+    """HF_ENDPOINT at `server`, conftest's offline mode lifted (also huggingface_hub's import-time copy), no token."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))

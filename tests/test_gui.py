@@ -12,10 +12,9 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
-from hubserver import Fault, HubServer
+from hubserver import Fault, HubServer, point_hub_clients_at
 from PIL import Image
 
 pytest.importorskip("pytestqt")
@@ -534,11 +533,7 @@ def hub(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Ite
     server = HubServer()
     server.add_repo(DEFAULT_REPO, tiny_ckpt)
     with server:
-        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+        point_hub_clients_at(server, monkeypatch, tmp_path)
         yield server
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import numpy as np
 import pytest
-from hubserver import Fault, HubServer
+from hubserver import Fault, HubServer, point_hub_clients_at
 from PIL import Image
 
 from owl_desktop import paths
@@ -55,11 +55,7 @@ def hub(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Ite
     server.add_repo(DEFAULT_REPO, tiny_ckpt)
     server.add_repo(GATED, tiny_ckpt, gated=True)
     with server:
-        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+        point_hub_clients_at(server, monkeypatch, tmp_path)
         yield server
 
 
