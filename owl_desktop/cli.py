@@ -41,7 +41,7 @@ def split_open_files(argv: Sequence[str], commands: set[str]) -> tuple[list[str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    commands = {m.__name__.rsplit(".", 1)[-1] for m in COMMANDS} | {"help"}
+    commands = {name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices}
     argv, open_files = split_open_files(sys.argv[1:] if argv is None else argv, commands)
     args = parser.parse_args(argv)
     if args.self_test:
