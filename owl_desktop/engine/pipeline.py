@@ -205,13 +205,19 @@ class ChatPipeline:
         max_new_tokens: int = prompt_mod.MAX_NEW_TOKENS,
     ) -> tuple[prompt_mod.Prompt, list[Segment], list[ImageTiming]]:
         """Turn a conversation into LLM segments, encoding only the images of the turns that fit."""
-        keyed: dict[str, ImageSource] = {}
+        # each file is read once: the bytes that were hashed are the bytes that get encoded
+        keyed: dict[str, PreparedImage | tuple[bytes, str]] = {}
 
         def keys_of(sources: Sequence[ImageSource]) -> list[str]:
             out = []
             for src in sources:
-                sha = src.sha256 if isinstance(src, PreparedImage) else hashlib.sha256(read_source(src)[0]).hexdigest()
-                keyed.setdefault(sha, src)
+                if isinstance(src, PreparedImage):
+                    sha = src.sha256
+                    keyed.setdefault(sha, src)
+                else:
+                    data, label = read_source(src)
+                    sha = hashlib.sha256(data).hexdigest()
+                    keyed.setdefault(sha, (data, label))
                 out.append(sha)
             return out
 
@@ -232,9 +238,10 @@ class ChatPipeline:
         for sha in dict.fromkeys(prompt.image_keys):
             src = keyed[sha]
             if self._cache.get(sha) is not None:
-                timings.append(ImageTiming(_label(src), sha, 0.0, True))
+                name = src.name if isinstance(src, PreparedImage) else src[1]
+                timings.append(ImageTiming(name, sha, 0.0, True))
             else:
-                to_encode.append(src if isinstance(src, PreparedImage) else preprocess(src))
+                to_encode.append(src if isinstance(src, PreparedImage) else preprocess(src[0], src[1]))
         timings += self.encode_images(to_encode)
         order = {sha: i for i, sha in enumerate(dict.fromkeys(prompt.image_keys))}
         timings.sort(key=lambda t: order[t.sha256])
@@ -291,11 +298,3 @@ class ChatPipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _label(src: ImageSource) -> str:
-    if isinstance(src, PreparedImage):
-        return src.name
-    if isinstance(src, (bytes, bytearray)):
-        return "image"
-    return Path(str(src)).name
