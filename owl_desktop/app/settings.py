@@ -90,17 +90,7 @@ class Settings:
     def to_sampling(self) -> Sampling:
         from owl_desktop.engine.llm import Sampling
 
-        s = self.sampling
-        return Sampling(
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            repeat_penalty=s.repeat_penalty,
-            no_repeat_ngram=s.no_repeat_ngram,
-            max_new_tokens=s.max_new_tokens,
-            seed=s.seed,
-        )
+        return Sampling(**asdict(self.sampling))  # SamplingDefaults' fields are a subset of Sampling's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
