@@ -272,14 +272,19 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _repo_at(self, repo_id: str, revision: str) -> HostedRepo | None:
+        """The repository if it exists at `revision` ("main" or its commit); otherwise the error is sent."""
+        repo = self._repo(repo_id)
+        if repo is not None and revision not in ("main", repo.commit):
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return None
+        return repo
+
     def _api(self, repo_id: str, revision: str) -> None:
         if self._status_fault(None):
             return
-        repo = self._repo(repo_id)
+        repo = self._repo_at(repo_id, revision)
         if repo is None:
-            return
-        if revision not in ("main", repo.commit):
-            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
             return
         siblings = []
         for f in repo.files.values():
@@ -310,11 +315,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._file = name
         if self._status_fault(name):
             return
-        repo = self._repo(repo_id)
+        repo = self._repo_at(repo_id, revision)
         if repo is None:
-            return
-        if revision not in ("main", repo.commit):
-            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
             return
         f = repo.files.get(name)
         if f is None:
