@@ -1,4 +1,4 @@
-"""The model bundle: what conversion writes and the engine loads.
+"""The model bundle: what conversion writes and the engine loads. The only module that reads bundle.json.
 
 <bundle dir>/
   bundle.json          written last; format version, source, sha256 of each file, model config, prompt template
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from owl_desktop import paths
+from owl_desktop.atomic import write_json_atomic
 from owl_desktop.errors import BundleError
+from owl_desktop.hashing import sha256_file
 from owl_desktop.model_config import OwlConfig
 from owl_desktop.tasks import Task
 
@@ -25,6 +27,7 @@ MANIFEST = "bundle.json"
 VISION_FILE = "vision.safetensors"
 QUANTS = ("F32", "F16", "Q8_0", "Q5_K_M", "Q4_K_M")
 DEFAULT_QUANT = "Q4_K_M"
+UNREADABLE = f"unreadable {MANIFEST}"  # the problem of a folder whose manifest cannot be parsed
 
 DEFAULT_SYSTEM = (
     "The following is a conversation between a curious human and AI assistant. "
@@ -32,8 +35,16 @@ DEFAULT_SYSTEM = (
 )
 
 
+_BUNDLE_FILE = re.compile(r"^(bundle\.json|vision\.safetensors|llm-[A-Z0-9_]+\.gguf)$")
+
+
 def llm_filename(quant: str) -> str:
     return f"llm-{quant}.gguf"
+
+
+def is_bundle_file(name: str) -> bool:
+    """Whether `name` is one of the files a bundle folder holds (manifest, vision weights, a GGUF)."""
+    return _BUNDLE_FILE.match(name) is not None
 
 
 @dataclass(frozen=True)
@@ -83,21 +94,6 @@ class Bundle:
         return sum(r.size for r in self.files.values())
 
 
-def sha256_file(path: Path, task: Task | None = None, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, reading in chunks; reports bytes hashed and honours cancellation."""
-    h = hashlib.sha256()
-    total = path.stat().st_size
-    done = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-            done += len(block)
-            if task is not None:
-                task.check()
-                task.report(f"hashing {path.name}", done, total, "B")
-    return h.hexdigest()
-
-
 def write_manifest(
     directory: Path,
     *,
@@ -123,9 +119,7 @@ def write_manifest(
         "prompt": (prompt or PromptTemplate()).to_dict(),
     }
     out = directory / MANIFEST
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_json_atomic(out, manifest)
     return out
 
 
@@ -210,9 +204,74 @@ def _verified_stamps() -> set[str]:
 def _remember_verified(stamp: str) -> None:
     stamps = _verified_stamps() | {stamp}
     try:
-        paths.ensure(_verified_file().parent)
-        tmp = _verified_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(stamps)), encoding="utf-8")
-        os.replace(tmp, _verified_file())
+        write_json_atomic(_verified_file(), sorted(stamps), indent=None)
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
+
+
+# ---------------------------------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A bundle folder as its manifest describes it; listing reads manifests and sizes only, hashes nothing."""
+
+    id: str
+    path: Path
+    quant: str
+    size: int  # bytes of the bundle's payload files
+    source: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None  # None: every file is present with its recorded size
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    @property
+    def source_repo(self) -> str | None:
+        """The hub repository it was converted from, when known."""
+        repo = self.source.get("repo")
+        return repo if isinstance(repo, str) else None
+
+    @property
+    def revision(self) -> str | None:
+        """The commit it was converted from, when known."""
+        rev = self.source.get("revision")
+        return rev if isinstance(rev, str) else None
+
+
+def describe(folder: Path) -> InstalledModel | None:
+    """The bundle in `folder`, or None when there is none (no bundle.json)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        raw = json.loads(manifest.read_text(encoding="utf-8"))
+        files = {str(k): int(v["size"]) for k, v in raw["files"].items()}
+        source = raw.get("source") or {}
+        if not isinstance(source, dict):
+            source = {}
+        bundle_id, quant = str(raw["id"]), str(raw["quantization"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return InstalledModel(folder.name, folder, "?", 0, {}, UNREADABLE)
+    problem = None
+    for name, size in files.items():
+        p = folder / name
+        if not p.is_file():
+            problem = f"{name} is missing"
+            break
+        if p.stat().st_size != size:
+            problem = f"{name} has the wrong size"
+            break
+    return InstalledModel(bundle_id, folder, quant, sum(files.values()), dict(source), problem)
+
+
+def scan(models_dir: Path | None = None) -> list[InstalledModel]:
+    """Every bundle folder in the models folder (the data dir's by default), broken ones included, by folder name."""
+    models_dir = models_dir or paths.models_dir()
+    try:
+        folders = sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+    found = (describe(p) for p in folders)
+    return [m for m in found if m is not None]

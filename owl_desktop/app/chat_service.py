@@ -16,7 +16,6 @@ stored; a failure after the question is stored keeps it (regenerate() retries it
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -26,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from owl_desktop import bundle as bundle_mod
-from owl_desktop import paths
 from owl_desktop.app.settings import Settings
+from owl_desktop.bundle import InstalledModel
 from owl_desktop.errors import EngineError, OwlError
 from owl_desktop.store.conversations import ConversationStore, ImageRef, Message, StoreError
 from owl_desktop.store.exchange import qa_pairs
@@ -84,40 +83,9 @@ class Failed:
 ChatEvent = Started | Piece | Finished | Failed
 
 
-@dataclass(frozen=True)
-class InstalledModel:
-    id: str
-    path: Path
-    quant: str
-    size: int  # bytes of its payload files
-    source: dict[str, Any]
-
-
 def installed_models(root: Path | None = None) -> list[InstalledModel]:
-    """Complete bundles (bundle.json present) in the models dir, by id; reads manifests only, hashes nothing."""
-    root = root or paths.models_dir()
-    out: list[InstalledModel] = []
-    try:
-        folders = sorted(p for p in root.iterdir() if p.is_dir())
-    except OSError:
-        return out
-    for folder in folders:
-        manifest = folder / bundle_mod.MANIFEST
-        try:
-            raw = json.loads(manifest.read_text(encoding="utf-8"))
-            files = raw["files"]
-            out.append(
-                InstalledModel(
-                    id=str(raw["id"]),
-                    path=folder,
-                    quant=str(raw["quantization"]),
-                    size=sum(int(f["size"]) for f in files.values()),
-                    source=dict(raw.get("source") or {}),
-                )
-            )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue  # half-written or foreign folder: not offered
-    return out
+    """Complete bundles in the models dir (every file present with its size); reads manifests only, hashes nothing."""
+    return [m for m in bundle_mod.scan(root) if m.ok]
 
 
 # ---------------------------------------------------------------------------------------------------- service

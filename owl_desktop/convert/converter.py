@@ -16,7 +16,6 @@ Target rule: `out` may be missing, an empty folder, or a bundle with the same id
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
@@ -30,7 +29,8 @@ import psutil
 import torch
 
 from owl_desktop import __version__
-from owl_desktop.bundle import MANIFEST, QUANTS, VISION_FILE, llm_filename, write_manifest
+from owl_desktop import bundle as bundle_mod
+from owl_desktop.bundle import QUANTS, VISION_FILE, llm_filename, write_manifest
 from owl_desktop.convert.checkpoint import Checkpoint, open_checkpoint
 from owl_desktop.convert.gguf_export import write_llm_gguf
 from owl_desktop.convert.lora import LoraAdapter, load_adapter
@@ -48,7 +48,6 @@ _SPACE_MARGIN = 1.05
 _SPACE_SLACK = 32 << 20
 _WORK_TAG = ".converting-"
 _OLD_TAG = ".replaced-"
-_BUNDLE_FILE = re.compile(r"^(bundle\.json|vision\.safetensors|llm-[A-Z0-9_]+\.gguf)$")
 
 FreeSpaceProbe = Callable[[Path], int]
 
@@ -186,17 +185,15 @@ def check_target(out: Path, bundle_id: str) -> bool:
         raise ConversionError(f"{out} already exists and is not empty; choose another output folder")
     if existing_id != bundle_id:
         raise ConversionError(f"{out} holds another model bundle ('{existing_id}'); choose another output folder")
-    foreign = [e for e in entries if not _BUNDLE_FILE.match(e)]
+    foreign = [e for e in entries if not bundle_mod.is_bundle_file(e)]
     if foreign:
         raise ConversionError(f"{out} holds bundle '{bundle_id}' but also {foreign[0]}; move it away to replace it")
     return True
 
 
 def _bundle_id_of(folder: Path) -> str | None:
-    try:
-        return str(json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    found = bundle_mod.describe(folder)
+    return found.id if found is not None and found.problem != bundle_mod.UNREADABLE else None
 
 
 def estimate_bytes(ckpt: Checkpoint, quant: str) -> int:

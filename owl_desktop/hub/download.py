@@ -26,7 +26,9 @@ from typing import Any
 
 import httpx2
 
+from owl_desktop.atomic import write_json_atomic
 from owl_desktop.errors import Cancelled, DownloadError
+from owl_desktop.hashing import feed_file
 from owl_desktop.hub.estimates import gib
 from owl_desktop.hub.progress import TransferMeter
 from owl_desktop.hub.remote import ContentHash, RemoteFile
@@ -68,11 +70,7 @@ class _Partial:
             self.path.unlink()
             return
         meter.note(f"checking the {gib(size)} of {self.path.name.removesuffix(PART_SUFFIX)} already downloaded")
-        with open(self.path, "rb") as f:
-            while block := f.read(4 << 20):
-                task.check()
-                self.hasher.update(block)
-                self.offset += len(block)
+        self.offset = feed_file(self.hasher, self.path, task)
         meter.skip(self.offset)
 
     def reset(self, meter: TransferMeter) -> None:
@@ -194,7 +192,7 @@ def _adopt_or_discard(dest: Path, repo_id: str, commit: str, remote: RemoteFile,
     if not same and part.exists():
         part.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    write_json_atomic(meta, record, indent=1)
 
 
 def _attempt(
@@ -290,8 +288,5 @@ def verify_file(path: Path, remote: RemoteFile, task: Task) -> bool:
         return False
     digest = ContentHash(remote)
     h = digest.new()
-    with open(path, "rb") as f:
-        while block := f.read(4 << 20):
-            task.check()
-            h.update(block)
+    feed_file(h, path, task)
     return h.hexdigest() == digest.expected

@@ -8,7 +8,6 @@ Hugging Face download or cache snapshot) is converted into a bundle.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from owl_desktop.bundle import MANIFEST
 from owl_desktop.errors import BundleError, CheckpointError
 from owl_desktop.hub.preflight import FreeSpaceProbe, existing_ancestor
 from owl_desktop.tasks import Task
-
-_BUNDLE_FILE = re.compile(r"^(bundle\.json|vision\.safetensors|llm-[A-Z0-9_]+\.gguf)$")
 
 
 def kind_of(path: Path) -> str:
@@ -89,7 +86,7 @@ def import_checkpoint(
 
 
 def _only_bundle_files(folder: Path) -> bool:
-    return all(_BUNDLE_FILE.match(p.name) for p in folder.iterdir())
+    return all(bundle_mod.is_bundle_file(p.name) for p in folder.iterdir())
 
 
 def _same_filesystem(a: Path, b: Path) -> bool:

@@ -34,15 +34,14 @@ import json
 import shutil
 from pathlib import Path
 
+from owl_desktop import bundle as bundle_mod
 from owl_desktop import paths
-from owl_desktop.bundle import DEFAULT_QUANT, QUANTS
+from owl_desktop.bundle import DEFAULT_QUANT, QUANTS, InstalledModel
 from owl_desktop.errors import BundleError, DownloadError, PreflightError
-from owl_desktop.hub import installed as installed_mod
 from owl_desktop.hub import preflight as preflight_mod
 from owl_desktop.hub import snapshot
 from owl_desktop.hub.catalog import CATALOG, DEFAULT_REPO, PINNED_REVISION, CatalogEntry, lookup
 from owl_desktop.hub.estimates import ModelFacts, gib
-from owl_desktop.hub.installed import InstalledModel
 from owl_desktop.hub.preflight import FreeSpaceProbe, MemoryInfo, MemoryProbe, Preflight
 from owl_desktop.hub.remote import RepoPlan, check_repo_id, fetch_plan, fetch_small_file
 from owl_desktop.hub.retry import RetryPolicy
@@ -81,7 +80,7 @@ class ModelManager:
         return list(CATALOG)
 
     def installed(self) -> list[InstalledModel]:
-        return installed_mod.scan(self.models_dir)
+        return bundle_mod.scan(self.models_dir)
 
     def downloads(self) -> list[Download]:
         return snapshot.scan(self.downloads_dir)
@@ -174,7 +173,7 @@ class ModelManager:
             commit = local.commit
         else:
             plan = fetch_plan(repo_id, self._revision(repo_id, revision), settings, self.retry, task)
-            existing = installed_mod.describe(target)
+            existing = bundle_mod.describe(target)
             if existing and existing.ok and existing.source_repo == repo_id and existing.revision == plan.commit:
                 task.report(f"{bundle_id} is already installed", 1, 1)
                 return target
@@ -219,7 +218,7 @@ class ModelManager:
 
         folder = self._bundle_folder(model_id, allow_path=True)
         bundle_mod.load(folder, verify=True, task=task or Task())
-        model = installed_mod.describe(folder)
+        model = bundle_mod.describe(folder)
         assert model is not None
         return model
 
@@ -258,12 +257,12 @@ class ModelManager:
 
     def _bundle_folder(self, model_id: str, allow_path: bool = False) -> Path:
         candidate = Path(model_id).expanduser()
-        if allow_path and ("/" in model_id or "\\" in model_id) and installed_mod.describe(candidate) is not None:
+        if allow_path and ("/" in model_id or "\\" in model_id) and bundle_mod.describe(candidate) is not None:
             return candidate  # a bundle folder given by its path
         if not model_id or model_id.startswith(".") or "/" in model_id or "\\" in model_id:
             raise BundleError(f"'{model_id}' is not a model id; `owl-desktop models list` shows the installed ones")
         folder = self.models_dir / model_id
-        if installed_mod.describe(folder) is None:
+        if bundle_mod.describe(folder) is None:
             raise BundleError(f"no installed model '{model_id}'; `owl-desktop models list` shows the installed ones")
         return folder
 

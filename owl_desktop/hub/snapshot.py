@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from owl_desktop.atomic import write_json_atomic
 from owl_desktop.errors import Cancelled, DownloadError, DownloadPaused
 from owl_desktop.hub.download import PART_SUFFIX, download_file, partial_path, verify_file
 from owl_desktop.hub.estimates import gib
@@ -63,9 +64,7 @@ def read_state(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_state(folder: Path, state: dict[str, Any]) -> None:
-    tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / STATE_FILE)
+    write_json_atomic(folder / STATE_FILE, state, indent=1)
 
 
 def _stamp(path: Path) -> dict[str, int]:
