@@ -18,49 +18,50 @@ from typing import TYPE_CHECKING, Any
 
 from owl_desktop import paths
 from owl_desktop.atomic import write_atomic
+from owl_desktop.engine import options
+from owl_desktop.engine.options import LlmSettings, Sampling
 
-if TYPE_CHECKING:  # the engine pulls in torch and llama.cpp: imported only when settings are turned into its types
-    from owl_desktop.engine.llm import Sampling
+if TYPE_CHECKING:  # the pipeline pulls in torch and llama.cpp: imported only when settings are turned into its types
     from owl_desktop.engine.pipeline import EngineSettings
 
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 THEMES = ("system", "light", "dark")
-FLASH_ATTN = ("auto", "on", "off")
-KV_TYPES = ("f16", "q8_0", "q4_0", "f32")
-DEVICES = ("auto", "cuda", "mps", "cpu")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # fields restricted to a set of values (dataclass name, field name) → choices
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("Settings", "theme"): THEMES,
-    ("EngineDefaults", "flash_attn"): FLASH_ATTN,
-    ("EngineDefaults", "kv_type"): KV_TYPES,
-    ("EngineDefaults", "vision_device"): DEVICES,
-    ("EngineDefaults", "vision_dtype"): DTYPES,
+    ("EngineDefaults", "flash_attn"): tuple(options.FLASH_ATTN_IDS),
+    ("EngineDefaults", "kv_type"): tuple(options.KV_TYPE_IDS),
+    ("EngineDefaults", "vision_device"): tuple(options.VISION_DEVICES),
+    ("EngineDefaults", "vision_dtype"): options.VISION_DTYPES,
 }
 
 
 @dataclass
 class SamplingDefaults:
-    temperature: float = 0.7
-    top_k: int = 40
-    top_p: float = 0.9
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1
-    no_repeat_ngram: int = 2
-    max_new_tokens: int = 512
+    """The sampling a new answer gets; defaults are the engine's (engine/options.py)."""
+
+    temperature: float = Sampling.temperature
+    top_k: int = Sampling.top_k
+    top_p: float = Sampling.top_p
+    min_p: float = Sampling.min_p
+    repeat_penalty: float = Sampling.repeat_penalty
+    no_repeat_ngram: int = Sampling.no_repeat_ngram
+    max_new_tokens: int = Sampling.max_new_tokens
     seed: int | None = None  # None: a fresh random seed for each answer
 
 
 @dataclass
 class EngineDefaults:
-    n_ctx: int = 2048
+    """How the engine runs; defaults are the engine's (engine/options.py)."""
+
+    n_ctx: int = LlmSettings.n_ctx
     threads: int | None = None  # None: the physical cores
-    gpu_layers: int = -1  # -1: all layers on the GPU when there is one
-    flash_attn: str = "auto"
-    kv_type: str = "f16"
+    gpu_layers: int = LlmSettings.n_gpu_layers  # -1: all layers on the GPU when there is one
+    flash_attn: str = LlmSettings.flash_attn
+    kv_type: str = LlmSettings.kv_type
     vision_device: str = "auto"
     vision_dtype: str = "auto"
 
@@ -78,7 +79,6 @@ class Settings:
     # ------------------------------------------------------------------ conversions
 
     def to_engine_settings(self) -> EngineSettings:
-        from owl_desktop.engine.llm import LlmSettings
         from owl_desktop.engine.pipeline import EngineSettings
 
         e = self.engine
@@ -88,8 +88,6 @@ class Settings:
         return EngineSettings(llm=llm, vision_device=e.vision_device, vision_dtype=e.vision_dtype)
 
     def to_sampling(self) -> Sampling:
-        from owl_desktop.engine.llm import Sampling
-
         return Sampling(**asdict(self.sampling))  # SamplingDefaults' fields are a subset of Sampling's
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,37 +7,42 @@ import json
 from pathlib import Path
 from typing import Any
 
+from owl_desktop.engine import options
+from owl_desktop.engine.options import LlmSettings, Sampling
 from owl_desktop.errors import OwlError
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--n-ctx", type=int, default=2048, metavar="N", help="context positions (default: %(default)s)")
+    llm = LlmSettings()
+    g.add_argument("--n-ctx", type=int, default=llm.n_ctx, metavar="N", help="context positions (default: %(default)s)")
     g.add_argument("--threads", type=int, metavar="N", help="LLM threads (default: physical cores)")
-    g.add_argument("--gpu-layers", type=int, default=-1, metavar="N", help="LLM layers on the GPU (-1: all)")
-    g.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto")
-    g.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0", "f32"), default="f16", help="KV cache type")
-    g.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="vision encoder device")
     g.add_argument(
-        "--vision-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="vision dtype"
+        "--gpu-layers", type=int, default=llm.n_gpu_layers, metavar="N", help="LLM layers on the GPU (-1: all)"
     )
+    g.add_argument("--flash-attn", choices=tuple(options.FLASH_ATTN_IDS), default=llm.flash_attn)
+    g.add_argument("--kv-type", choices=tuple(options.KV_TYPE_IDS), default=llm.kv_type, help="KV cache type")
+    g.add_argument("--device", choices=tuple(options.VISION_DEVICES), default="auto", help="vision encoder device")
+    g.add_argument("--vision-dtype", choices=options.VISION_DTYPES, default="auto", help="vision dtype")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    d = Sampling()
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--min-p", type=float, default=0.05)
-    g.add_argument("--repeat-penalty", type=float, default=1.1)
-    g.add_argument("--no-repeat-ngram", type=int, default=2, metavar="N", help="ban repeating n-grams (0: off)")
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--top-k", type=int, default=d.top_k)
+    g.add_argument("--top-p", type=float, default=d.top_p)
+    g.add_argument("--min-p", type=float, default=d.min_p)
+    g.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty)
+    g.add_argument(
+        "--no-repeat-ngram", type=int, default=d.no_repeat_ngram, metavar="N", help="ban repeating n-grams (0: off)"
+    )
     g.add_argument("--seed", type=int, help="sampling seed (default: random)")
     g.add_argument("--greedy", action="store_true", help="pure argmax, every penalty off")
-    g.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, metavar="N")
 
 
 def engine_settings(args: argparse.Namespace) -> Any:
-    from owl_desktop.engine.llm import LlmSettings
     from owl_desktop.engine.pipeline import EngineSettings
 
     llm = LlmSettings(
@@ -50,9 +55,7 @@ def engine_settings(args: argparse.Namespace) -> Any:
     return EngineSettings(llm=llm, vision_device=args.device, vision_dtype=args.vision_dtype)
 
 
-def sampling(args: argparse.Namespace) -> Any:
-    from owl_desktop.engine.llm import Sampling
-
+def sampling(args: argparse.Namespace) -> Sampling:
     return Sampling(
         temperature=args.temperature,
         top_k=args.top_k,

@@ -21,39 +21,8 @@ from typing import Any
 import llama_cpp as L
 import numpy as np
 
+from owl_desktop.engine.options import FLASH_ATTN_IDS, KV_TYPE_IDS, LlmSettings, Sampling, kv_type_problem
 from owl_desktop.errors import Cancelled, EngineError, PromptError
-
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q5_0": 6, "q5_1": 7, "q4_1": 3, "bf16": 30}
-FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
-
-
-@dataclass(frozen=True)
-class LlmSettings:
-    n_ctx: int = 2048
-    n_batch: int = 512
-    n_threads: int | None = None  # None: the number of physical cores (decode is memory-bound)
-    n_gpu_layers: int = -1  # -1: every layer when the build has a GPU backend
-    flash_attn: str = "auto"  # "auto" | "on" | "off" ("off" is exact against a float32 reference)
-    kv_type: str = "f16"  # f16 | q8_0 | q4_0 | f32 … (a quantized V cache needs flash attention)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.7
-    top_k: int = 40
-    top_p: float = 0.9
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1
-    repeat_last_n: int = 64
-    no_repeat_ngram: int = 2  # ban a token that would repeat an n-gram already generated (reference demo: 2)
-    seed: int | None = None  # None: a fresh random seed
-    greedy: bool = False  # pure argmax, every penalty and ban off
-    max_new_tokens: int = 512
-
-    def resolved_seed(self) -> int:
-        if self.seed is not None:
-            return int(self.seed) & 0xFFFFFFFF
-        return int.from_bytes(os.urandom(4), "little")
 
 
 @dataclass(frozen=True)
@@ -189,12 +158,14 @@ class LlamaEngine:
         cp.n_threads_batch = threads
         cp.embeddings = False
         cp.no_perf = True
-        if s.flash_attn not in FLASH_ATTN:
-            raise EngineError(f"flash attention must be one of {', '.join(FLASH_ATTN)}, not '{s.flash_attn}'")
-        if s.kv_type not in KV_TYPES:
-            raise EngineError(f"KV cache type must be one of {', '.join(KV_TYPES)}, not '{s.kv_type}'")
-        cp.flash_attn_type = FLASH_ATTN[s.flash_attn]
-        cp.type_k = cp.type_v = KV_TYPES[s.kv_type]
+        if s.flash_attn not in FLASH_ATTN_IDS:
+            raise EngineError(f"flash attention must be one of {', '.join(FLASH_ATTN_IDS)}, not '{s.flash_attn}'")
+        if s.kv_type not in KV_TYPE_IDS:
+            raise EngineError(f"KV cache type must be one of {', '.join(KV_TYPE_IDS)}, not '{s.kv_type}'")
+        if problem := kv_type_problem(s.kv_type, s.flash_attn):
+            raise EngineError(problem)
+        cp.flash_attn_type = FLASH_ATTN_IDS[s.flash_attn]
+        cp.type_k = cp.type_v = KV_TYPE_IDS[s.kv_type]
         self._abort = threading.Event()
         self._abort_cb = L.ggml_abort_callback(lambda _data: self._abort.is_set())  # keep a reference
         cp.abort_callback = self._abort_cb

@@ -25,11 +25,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from owl_desktop.engine import options
+
 THEMES = [("system", "Follow the system"), ("light", "Light"), ("dark", "Dark")]
-DEVICES = [("auto", "Automatic"), ("cuda", "NVIDIA GPU (CUDA)"), ("mps", "Apple GPU (MPS)"), ("cpu", "CPU only")]
-FLASH = [("auto", "Automatic"), ("on", "On"), ("off", "Off")]
-KV_TYPES = [("f16", "f16 (default)"), ("q8_0", "q8_0 (smaller)"), ("q4_0", "q4_0 (smallest)"), ("f32", "f32")]
-CONTEXTS = [512, 1024, 2048, 4096, 8192]
+DEVICES = list(options.VISION_DEVICES.items())
+FLASH = list(options.FLASH_ATTN_LABELS.items())
+KV_TYPES = list(options.KV_TYPE_LABELS.items())
+CONTEXTS = list(options.CONTEXT_SIZES)
 
 
 def _combo(choices: list[tuple[str, str]], value: str, name: str) -> QComboBox:

@@ -1,0 +1,74 @@
+"""The engine's choices and defaults, declared once: importable without llama.cpp or torch.
+
+The engine (llm.py, pipeline.py), the app's saved settings (app/settings.py), the settings dialog and the CLI's flags
+all read their sets of values and their defaults from here, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# KV cache element types offered to users, with llama.cpp's ggml type ids (ggml.h `enum ggml_type`)
+KV_TYPE_IDS: dict[str, int] = {"f16": 1, "q8_0": 8, "q4_0": 2, "f32": 0}
+KV_TYPE_LABELS: dict[str, str] = {
+    "f16": "f16 (default)",
+    "q8_0": "q8_0 (smaller)",
+    "q4_0": "q4_0 (smallest)",
+    "f32": "f32 (exact)",
+}
+# llama.cpp can only keep a quantized V cache with flash attention on
+KV_TYPES_NEEDING_FLASH_ATTN = frozenset({"q8_0", "q4_0"})
+
+# flash attention modes and llama.cpp's `llama_flash_attn_type` values
+FLASH_ATTN_IDS: dict[str, int] = {"auto": -1, "on": 1, "off": 0}
+FLASH_ATTN_LABELS: dict[str, str] = {"auto": "Automatic", "on": "On", "off": "Off"}
+
+# where and how the vision tower runs (torch)
+VISION_DEVICES: dict[str, str] = {
+    "auto": "Automatic",
+    "cuda": "NVIDIA GPU (CUDA)",
+    "mps": "Apple GPU (MPS)",
+    "cpu": "CPU only",
+}
+VISION_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+# The LLaMA-7B of mPLUG-Owl was trained with 2,048 positions; smaller contexts save memory.
+CONTEXT_SIZES: tuple[int, ...] = (512, 1024, 2048)
+TRAINED_CONTEXT = 2048
+
+
+def kv_type_problem(kv_type: str, flash_attn: str) -> str | None:
+    """Why this KV cache type cannot run with this flash-attention mode, or None when it can."""
+    if kv_type in KV_TYPES_NEEDING_FLASH_ATTN and flash_attn == "off":
+        return f"a {kv_type} context cache needs flash attention (set it to Automatic or On, or use f16)"
+    return None
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    n_ctx: int = TRAINED_CONTEXT
+    n_batch: int = 512
+    n_threads: int | None = None  # None: the number of physical cores (decode is memory-bound)
+    n_gpu_layers: int = -1  # -1: every layer when the build has a GPU backend
+    flash_attn: str = "auto"  # a key of FLASH_ATTN_IDS ("off" is exact against a float32 reference)
+    kv_type: str = "f16"  # a key of KV_TYPE_IDS
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    no_repeat_ngram: int = 2  # ban a token that would repeat an n-gram already generated (reference demo: 2)
+    seed: int | None = None  # None: a fresh random seed
+    greedy: bool = False  # pure argmax, every penalty and ban off
+    max_new_tokens: int = 512
+
+    def resolved_seed(self) -> int:
+        if self.seed is not None:
+            return int(self.seed) & 0xFFFFFFFF
+        return int.from_bytes(os.urandom(4), "little")
