@@ -317,6 +317,41 @@ def test_cli_ask_json_streams_the_same_answer(
     assert "nope.png" in capsys.readouterr().err
 
 
+def test_cli_ask_reads_the_apps_zip_export_with_its_system_prompt(
+    tiny: dict[str, Path], pipe: ChatPipeline, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """What the app exports (a .owlchat.zip with images inside and the chat's system prompt) is what ask reads."""
+    import zipfile
+
+    archive = tmp_path / "chat.owlchat.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        turns = [{"images": ["images/first.png"], "question": "Describe it.", "answer": "A noisy square."}]
+        zf.writestr("conversation.json", json.dumps(turns))
+        zf.writestr("owlchat.json", json.dumps({"format": 1, "system_prompt": "Answer tersely."}))
+        zf.writestr("images/first.png", tiny["img0"].read_bytes())
+    args = ["ask", "--model", str(tiny["bundle"]), "--image", str(tiny["img1"]), "--conversation", str(archive)]
+    args += ["--greedy", "--max-new-tokens", "8", "--flash-attn", "off", "--kv-type", "f32", "--threads", "2"]
+    args += ["--vision-dtype", "float32", "--json", "And this one?"]
+    assert cli_main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    history = [HistoryTurn([tiny["img0"]], "Describe it.", "A noisy square.")]
+    greedy = Sampling(greedy=True, max_new_tokens=8)
+    expected = pipe.ask([tiny["img1"]], "And this one?", history, sampling=greedy, system="Answer tersely.")
+    assert out["answer"] == expected.read()
+    assert out["token_ids"] == expected.record.token_ids
+    default_system = pipe.ask([tiny["img1"]], "And this one?", history, sampling=greedy)
+    default_system.read()
+    assert default_system.record.context_used != expected.record.context_used  # the export's prompt was used
+
+    bomb = tmp_path / "bomb.owlchat.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("conversation.json", json.dumps([{"images": ["images/x.png"], "question": "q", "answer": "a"}]))
+        zf.writestr("images/x.png", b"\0" * (64 << 20))
+    args[args.index(str(archive))] = str(bomb)
+    assert cli_main(args) == 1
+    assert "unsafe" in capsys.readouterr().err
+
+
 def test_preprocess_feeds_the_vision_encoder(tiny: dict[str, Path], pipe: ChatPipeline) -> None:
     rows = pipe.image_rows(preprocess(tiny["img0"]))
     assert rows.shape == (65, pipe.llm.n_embd) and rows.dtype == np.float32

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from owl_desktop import paths
-from owl_desktop.commands.engine_args import read_conversation
+from owl_desktop.commands.engine_args import load_conversation
 from owl_desktop.errors import ImageError
 from owl_desktop.store import conversations as conv_mod
 from owl_desktop.store.conversations import (
@@ -364,7 +364,7 @@ def test_export_folder_is_the_cli_conversation_format_and_imports_back(
     assert turns[0]["images"] == ["images/screen shot.png", "images/photo.jpg"]
     assert turns[1]["images"] == ["images/screen shot-2.png", "images/screen shot.png"]
     # the CLI's own reader accepts it, and the paths point at the right bytes
-    history = read_conversation(out / "conversation.json")
+    history = load_conversation(out / "conversation.json").turns
     assert [Path(p).read_bytes() for p in history[1].images] == [png_bytes(12), png_bytes(10)]
     with pytest.raises(StoreError, match="not an empty folder"):
         export_folder(store, images, cid, out)

@@ -28,8 +28,7 @@ from owl_desktop import bundle as bundle_mod
 from owl_desktop.app.settings import Settings
 from owl_desktop.bundle import InstalledModel
 from owl_desktop.errors import EngineError, OwlError
-from owl_desktop.store.conversations import ConversationStore, ImageRef, Message, StoreError
-from owl_desktop.store.exchange import qa_pairs
+from owl_desktop.store.conversations import ConversationStore, ImageRef, Message, StoreError, qa_pairs
 from owl_desktop.store.images import ImageStore, StoredImage
 
 if TYPE_CHECKING:

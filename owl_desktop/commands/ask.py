@@ -12,7 +12,7 @@ from owl_desktop.commands.engine_args import (
     add_engine_flags,
     add_sampling_flags,
     engine_settings,
-    read_conversation,
+    load_conversation,
     sampling,
 )
 from owl_desktop.errors import OwlError
@@ -23,7 +23,13 @@ def register(sub: Any) -> None:
     ask.add_argument("question", metavar="QUESTION")
     ask.add_argument("--model", required=True, metavar="BUNDLE", help="a bundle folder or an installed bundle id")
     ask.add_argument("--image", action="append", default=[], type=Path, metavar="PATH", help="repeat for more images")
-    ask.add_argument("--conversation", type=Path, metavar="FILE.json", help="earlier turns (the app's export format)")
+    ask.add_argument(
+        "--conversation",
+        type=Path,
+        metavar="PATH",
+        help="earlier turns: an export of the app (folder, .owlchat.zip or conversation JSON); its system prompt "
+        "is used unless --system is given",
+    )
     ask.add_argument("--system", metavar="TEXT", help="a custom system prompt")
     ask.add_argument("--json", action="store_true", help="print one JSON object: answer, token ids, timings")
     add_sampling_flags(ask)
@@ -87,9 +93,11 @@ def stream_answer(answer: Any, out: Any = None) -> None:
 def run_ask(args: argparse.Namespace) -> int:
     from owl_desktop.engine.pipeline import ChatPipeline
 
-    history = read_conversation(args.conversation) if args.conversation else []
+    earlier = load_conversation(args.conversation) if args.conversation else None
+    history = earlier.turns if earlier else []
+    system = args.system if args.system is not None else (earlier.system_prompt if earlier else None)
     with ChatPipeline.open(args.model, engine_settings(args)) as pipe:
-        answer = pipe.ask(args.image, args.question, history, sampling=sampling(args), system=args.system)
+        answer = pipe.ask(args.image, args.question, history, sampling=sampling(args), system=system)
         if args.json:
             answer.read()
             print(json.dumps(record_json(answer.record), ensure_ascii=False))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from owl_desktop.engine import options
 from owl_desktop.engine.options import LlmSettings, Sampling
 from owl_desktop.errors import OwlError
+from owl_desktop.exchange_format import ExchangeError, read_exchange
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -69,24 +70,22 @@ def sampling(args: argparse.Namespace) -> Sampling:
     )
 
 
-def read_conversation(path: Path) -> list[Any]:
-    """Earlier turns: [{"images": [paths], "question": "...", "answer": "..."}], paths relative to the file."""
+@dataclass(frozen=True)
+class EarlierConversation:
+    turns: list[Any]  # HistoryTurn (engine.pipeline, imported lazily: it pulls in torch)
+    system_prompt: str | None
+
+
+def load_conversation(path: Path) -> EarlierConversation:
+    """Earlier turns from an export of the app: a folder, a .owlchat.zip, or a conversation JSON file."""
     from owl_desktop.engine.pipeline import HistoryTurn
 
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise OwlError(f"cannot read the conversation {path}: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise OwlError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, list):
-        raise OwlError(f"{path}: a conversation is a JSON list of turns")
-    turns = []
-    for i, t in enumerate(raw, 1):
-        if not isinstance(t, dict) or not isinstance(t.get("question"), str) or not isinstance(t.get("answer"), str):
-            raise OwlError(f"{path}: turn {i} needs a 'question' and an 'answer' (strings)")
-        images = t.get("images", [])
-        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-            raise OwlError(f"{path}: turn {i} 'images' must be a list of file paths")
-        turns.append(HistoryTurn([path.parent / x for x in images], t["question"], t["answer"]))
-    return turns
+        with read_exchange(path) as exchange:
+            turns = [
+                HistoryTurn([exchange.image_source(rel) for rel in t.images], t.question, t.answer)
+                for t in exchange.turns
+            ]
+            return EarlierConversation(turns, exchange.meta.system_prompt)
+    except ExchangeError as exc:
+        raise OwlError(f"cannot use the conversation: {exc}") from exc

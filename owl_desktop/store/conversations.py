@@ -544,3 +544,18 @@ class ConversationStore:
         """Remove one message (e.g. an empty answer that never started); later messages keep their seq."""
         with self.transaction() as c:
             c.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+
+
+@dataclass(frozen=True)
+class QaPair:
+    question: Message
+    answer: Message
+
+
+def qa_pairs(messages: Sequence[Message]) -> list[QaPair]:
+    """The complete exchanges of a conversation: each user message directly followed by an answer."""
+    out: list[QaPair] = []
+    for prev, cur in zip(messages, messages[1:], strict=False):
+        if prev.role == "user" and cur.role == "assistant":
+            out.append(QaPair(prev, cur))
+    return out
