@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from owl_desktop import image_intake
 from owl_desktop.engine import preprocess as pp
 from owl_desktop.errors import ImageError
 
@@ -38,7 +39,7 @@ def save(img: Image.Image, path: Path, **kwargs: object) -> Path:
 
 
 def rgb_of(path: Path) -> np.ndarray:
-    img = pp.load_image(path)
+    img = image_intake.load_image(path)
     assert img.mode == "RGB"
     return np.asarray(img).astype(int)
 
@@ -139,12 +140,12 @@ def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path: Path) -> None:
 
 def test_32_bit_int_and_float_grey(tmp_path: Path) -> None:
     i32 = Image.fromarray(np.array([[0, 1000, 65535]], dtype=np.int32), "I")
-    assert tuple(np.asarray(pp.to_rgb(i32))[0, :, 0]) == (0, 4, 255)
+    assert tuple(np.asarray(image_intake.to_rgb(i32))[0, :, 0]) == (0, 4, 255)
     f_unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F")
     path = save(f_unit, tmp_path / "float.tiff")
     assert tuple(rgb_of(path)[0, :, 0]) == (0, 128, 255)
     f_8bit = Image.fromarray(np.array([[0.0, 100.0, 255.0]], dtype=np.float32), "F")
-    assert tuple(np.asarray(pp.to_rgb(f_8bit))[0, :, 0]) == (0, 100, 255)
+    assert tuple(np.asarray(image_intake.to_rgb(f_8bit))[0, :, 0]) == (0, 100, 255)
 
 
 def test_bilevel_image(tmp_path: Path) -> None:
@@ -186,7 +187,7 @@ def test_exif_orientation_6_rotates(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
     path = save(img, tmp_path / "phone.jpg", exif=exif, quality=95)
-    out = pp.load_image(path)
+    out = image_intake.load_image(path)
     assert out.size == (20, 40)
     arr = np.asarray(out).astype(int)
     assert arr[5, 10, 0] > 200 and arr[5, 10, 2] < 60  # the left half is now on top
@@ -214,7 +215,7 @@ def test_text_file_named_png(tmp_path: Path) -> None:
     path = tmp_path / "notes.png"
     path.write_text("this is not an image\n", encoding="utf-8")
     with pytest.raises(ImageError, match=r"notes\.png: not an image"):
-        pp.load_image(path)
+        image_intake.load_image(path)
 
 
 def test_truncated_jpeg(tmp_path: Path) -> None:

@@ -21,9 +21,11 @@ from owl_desktop import paths
 from owl_desktop.bundle import Bundle
 from owl_desktop.engine import prompt as prompt_mod
 from owl_desktop.engine.llm import Embeddings, GenerationStats, LlamaEngine, LlmSettings, Sampling, Segment, Tokens
-from owl_desktop.engine.preprocess import PreparedImage, preprocess, read_source
+from owl_desktop.engine.preprocess import PreparedImage, preprocess
 from owl_desktop.engine.vision import VisionEncoder
 from owl_desktop.errors import PromptError
+from owl_desktop.hashing import sha256_bytes
+from owl_desktop.image_intake import read_source
 from owl_desktop.tasks import Task
 
 ImageSource = Path | str | bytes | PreparedImage
@@ -216,7 +218,7 @@ class ChatPipeline:
                     keyed.setdefault(sha, src)
                 else:
                     data, label = read_source(src)
-                    sha = hashlib.sha256(data).hexdigest()
+                    sha = sha256_bytes(data)
                     keyed.setdefault(sha, (data, label))
                 out.append(sha)
             return out

@@ -3,13 +3,12 @@
 <root>/<sha[:2]>/<sha256><ext>    the original bytes, untouched (written atomically, never modified)
 <cache>/thumbnails/<sha256>-<size>.png    small previews, rebuilt on demand
 
-An image is decoded (engine.preprocess.load_image) before anything is stored: a file that is not a usable image
+An image is decoded (image_intake.load_image) before anything is stored: a file that is not a usable image
 raises ImageError and leaves the store as it was.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from dataclasses import dataclass
@@ -19,8 +18,9 @@ from PIL import Image
 
 from owl_desktop import paths
 from owl_desktop.atomic import write_atomic
-from owl_desktop.engine.preprocess import load_image, read_source
 from owl_desktop.errors import ImageError
+from owl_desktop.hashing import sha256_bytes
+from owl_desktop.image_intake import load_image, read_source
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _EXT_BY_FORMAT = {
@@ -88,7 +88,7 @@ class ImageStore:
         if isinstance(source, (bytes, bytearray, memoryview)) and name is None:
             label = "pasted image"
         img = load_image(data, label)  # raises ImageError before anything is written
-        sha = hashlib.sha256(data).hexdigest()
+        sha = sha256_bytes(data)
         existing = self._find(sha)
         if existing is None:
             existing = self.root / sha[:2] / f"{sha}{_extension(data, label)}"
