@@ -34,9 +34,9 @@ from owl_desktop.bundle import QUANTS, VISION_FILE, llm_filename, write_manifest
 from owl_desktop.convert.checkpoint import Checkpoint, open_checkpoint
 from owl_desktop.convert.gguf_export import write_llm_gguf
 from owl_desktop.convert.lora import LoraAdapter, load_adapter
-from owl_desktop.convert.quantize import quantize_gguf
 from owl_desktop.convert.vision_export import export_vision
 from owl_desktop.convert.vocab import Vocab, load_vocab
+from owl_desktop.engine.llm_quantize import quantize_gguf
 from owl_desktop.errors import ConversionError
 from owl_desktop.tasks import Task
 

@@ -9,12 +9,11 @@
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from owl_desktop.engine.llm import GenerationStats, Sampling, Tokens
+from owl_desktop.engine.llm import GenerationStats, Sampling, Tokens, reference_decode_rate
 from owl_desktop.engine.pipeline import ChatPipeline, EngineSettings, HistoryTurn
 
 QUESTION = "Describe this picture in detail."
@@ -77,31 +76,17 @@ def _decode_rate_ours(pipe: ChatPipeline, ids: list[int], n: int) -> float:
 
 def _decode_rate_llama(path: Path, ids: list[int], n: int, pipe: ChatPipeline) -> float:
     """Tokens/s of llama-cpp-python's Llama class: same GGUF, threads, context and greedy sampling."""
-    import llama_cpp
-
     s = pipe.settings.llm
-    llm = llama_cpp.Llama(
-        model_path=str(path),
+    return reference_decode_rate(
+        path,
+        ids,
+        n,
         n_ctx=pipe.llm.n_ctx,
         n_batch=s.n_batch,
-        n_threads=pipe.llm.threads,
-        n_threads_batch=pipe.llm.threads,
+        threads=pipe.llm.threads,
         n_gpu_layers=s.n_gpu_layers if pipe.llm.gpu_offload else 0,
-        flash_attn={"on": True, "off": False}.get(s.flash_attn, None),
-        verbose=False,
+        flash_attn=s.flash_attn,
     )
-    try:
-        count = 0
-        t0 = 0.0
-        for _tok in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            count += 1
-            if count == 1:
-                t0 = time.perf_counter()  # the first token came from the prefill
-            if count > n:
-                break
-        return (count - 1) / (time.perf_counter() - t0)
-    finally:
-        llm.close()
 
 
 def run(

@@ -1,4 +1,5 @@
-"""The language model in llama.cpp: the only module that touches llama.cpp's C API.
+"""The language model in llama.cpp. llama.cpp's bindings live in two modules only: this one (inference) and its
+sibling llm_quantize.py (quantization); nothing else imports llama_cpp.
 
 A prompt is an ordered list of segments, token ids or embedding rows (65 per image). Each segment gets its
 own `llama_decode` calls (a batch holds tokens or embeddings, never both), chunked to n_batch (a bigger batch
@@ -437,3 +438,40 @@ class LlamaEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def reference_decode_rate(
+    path: Path,
+    ids: Sequence[int],
+    n: int,
+    *,
+    n_ctx: int,
+    n_batch: int,
+    threads: int,
+    n_gpu_layers: int,
+    flash_attn: str,
+) -> float:
+    """Greedy decode tokens/s of llama-cpp-python's own `Llama` class on `path`: the baseline `bench engine`
+    holds our engine against (same GGUF, threads, context and sampling)."""
+    llm = L.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn={"on": True, "off": False}.get(flash_attn, None),
+        verbose=False,
+    )
+    try:
+        count = 0
+        t0 = 0.0
+        for _tok in llm.generate(list(ids), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            count += 1
+            if count == 1:
+                t0 = time.perf_counter()  # the first token came from the prefill
+            if count > n:
+                break
+        return (count - 1) / (time.perf_counter() - t0)
+    finally:
+        llm.close()
