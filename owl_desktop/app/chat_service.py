@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 from owl_desktop import bundle as bundle_mod
 from owl_desktop.app.settings import Settings
 from owl_desktop.bundle import InstalledModel
-from owl_desktop.errors import EngineError, OwlError
+from owl_desktop.errors import Cancelled, EngineError, OwlError
 from owl_desktop.store.conversations import ConversationStore, ImageRef, Message, StoreError, qa_pairs
 from owl_desktop.store.images import ImageStore, StoredImage
+from owl_desktop.tasks import CancelToken
 
 if TYPE_CHECKING:
-    from owl_desktop.engine.pipeline import AnswerRecord, AnswerStream, ChatPipeline, HistoryTurn
+    from owl_desktop.engine.pipeline import AnswerRecord, AnswerStream, ChatPipeline, HashedImage, HistoryTurn
     from owl_desktop.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,10 @@ class ChatService:
         self._clock = clock
         self._pipeline: ChatPipeline | None = None
         self._busy = threading.Lock()  # one answer (or model load) at a time
-        self._stop = threading.Event()
+        self._cancel = CancelToken()  # the current use case's; stop() fires it, whatever stage the answer is in
+        interrupted = store.mark_interrupted()
+        if interrupted:
+            log.warning("%d answer(s) were interrupted by the end of an earlier run; marked as such", len(interrupted))
 
     # ------------------------------------------------------------------ model
 
@@ -160,6 +164,16 @@ class ChatService:
     def installed_models(self) -> list[InstalledModel]:
         return installed_models()
 
+    def delete_conversation(self, conv_id: str) -> int:
+        """Delete a conversation with the images, thumbnails and cached encodes nothing else uses; returns how many
+        images were removed."""
+        from owl_desktop.engine import encode_cache
+
+        orphans = self.store.delete(conv_id)
+        removed = sum(self.images.remove(sha) for sha in orphans)
+        encode_cache.forget(orphans)
+        return removed
+
     def close(self) -> None:
         """Stop any answer, wait for it to end, and free the model."""
         self.stop()
@@ -172,8 +186,9 @@ class ChatService:
     # ------------------------------------------------------------------ use cases
 
     def stop(self) -> None:
-        """End the answer being written within one token (thread-safe); what was written is kept."""
-        self._stop.set()
+        """End the answer being written (thread-safe): reading images, encoding, prefilling or generating all stop
+        within a few hundred milliseconds; what was written is kept."""
+        self._cancel.cancel()
         pipe = self._pipeline
         if pipe is not None:
             pipe.cancel()
@@ -199,7 +214,7 @@ class ChatService:
             yield Failed(BUSY)
             return
         try:
-            self._stop.clear()
+            self._cancel = CancelToken()
             yield from body()
         except OwlError as exc:
             yield Failed(exc.message)
@@ -226,15 +241,15 @@ class ChatService:
         return ImageRef(img.sha256, img.name)
 
     def _regenerate(self, conv_id: str) -> Iterator[ChatEvent]:
-        self._require_pipeline()  # check before anything changes: a failed regenerate keeps the old answer
+        self._require_pipeline()
         messages = self.store.messages(conv_id)
         users = [m for m in messages if m.role == "user"]
         if not users:
             yield Failed("There is no question to answer again.")
             return
         question = users[-1]
-        self.store.truncate_after(question.id)
-        yield from self._answer(conv_id, question, fresh_seed=True)
+        old = [m.id for m in messages if m.seq > question.seq]  # kept until the new answer's first token
+        yield from self._answer(conv_id, question, fresh_seed=True, replaces=old)
 
     def _edit_and_resend(self, conv_id: str, user_msg_id: int, new_text: str) -> Iterator[ChatEvent]:
         if not new_text.strip():
@@ -245,12 +260,9 @@ class ChatService:
         if msg.conversation_id != conv_id or msg.role != "user":
             yield Failed("Only your own questions in this conversation can be edited.")
             return
-        meta = {**msg.meta, "edited_at": time.time()}
-        meta.setdefault("original_text", msg.text)
-        with self.store.transaction():
-            self.store.truncate_after(msg.id)
-            msg = self.store.update_message(msg.id, text=new_text, meta=meta)
-        yield from self._answer(conv_id, msg)
+        later = [m.id for m in self.store.messages(conv_id) if m.seq > msg.seq]
+        # the question keeps its old text and the old answer stays until the new answer's first token
+        yield from self._answer(conv_id, msg, replaces=later, new_text=new_text)
 
     # ------------------------------------------------------------------ answering
 
@@ -264,18 +276,35 @@ class ChatService:
         from owl_desktop.engine.pipeline import HistoryTurn
 
         earlier = [m for m in self.store.messages(conv_id) if m.seq < question.seq]
-        return [
-            HistoryTurn([self.images.path(r.sha256) for r in p.question.images], p.question.text, p.answer.text)
-            for p in qa_pairs(earlier)
-        ]
+        return [HistoryTurn(self._sources(p.question), p.question.text, p.answer.text) for p in qa_pairs(earlier)]
 
-    def _answer(self, conv_id: str, question: Message, *, fresh_seed: bool = False) -> Iterator[ChatEvent]:
-        """Stream an answer to a stored question into a new assistant message."""
+    def _sources(self, msg: Message) -> list[HashedImage]:
+        """A message's images for the engine: the store knows their sha256, so a cached one is never read again."""
+        from owl_desktop.engine.pipeline import HashedImage
+
+        return [HashedImage(self.images.path(r.sha256), r.sha256, r.name) for r in msg.images]
+
+    def _answer(
+        self,
+        conv_id: str,
+        question: Message,
+        *,
+        fresh_seed: bool = False,
+        replaces: Sequence[int] = (),
+        new_text: str | None = None,
+    ) -> Iterator[ChatEvent]:
+        """Stream an answer to a stored question into a new assistant message.
+
+        `replaces` (messages after the question) and `new_text` (an edited question) take effect only once the new
+        answer has its first token: a failure or a Stop before that leaves the conversation as it was.
+        """
         started = self._clock()
         answer = self.store.add_message(
             conv_id, "assistant", "", meta={"state": "streaming", "model_id": self.loaded_model_id}
         )
-        yield Started(question, answer)
+        shown = question if new_text is None else replace(question, text=new_text)
+        yield Started(shown, answer)
+        pending_swap = bool(replaces) or new_text is not None
         parts: list[str] = []
         stream: AnswerStream | None = None
         sampling = self.settings.to_sampling()
@@ -287,24 +316,28 @@ class ChatService:
             conv = self.store.get(conv_id)
             system = conv.system_prompt if conv.system_prompt is not None else self.settings.system_prompt
             history = self._history(conv_id, question)
-            images = [self.images.path(r.sha256) for r in question.images]
-            if self._stop.is_set():
+            if self._cancel.cancelled:
                 raise _StoppedEarly
-            stream = pipe.ask(images, question.text, history, sampling=sampling, system=system)
+            stream = pipe.ask(
+                self._sources(question), shown.text, history, sampling=sampling, system=system, cancel=self._cancel
+            )
             last_save = self._clock()
             for piece in stream:
-                if self._stop.is_set():
+                if self._cancel.cancelled:
                     stream.cancel()  # the stream ends within a token; what comes after Stop is not kept
                     continue
+                if pending_swap:
+                    self._swap_in(question, shown, replaces)
+                    pending_swap = False
                 parts.append(piece)
                 yield Piece(piece)
                 if self._clock() - last_save >= SAVE_INTERVAL_S:
                     self.store.update_message(answer.id, text="".join(parts))
                     last_save = self._clock()
-        except _StoppedEarly:
+        except (_StoppedEarly, Cancelled):
             pass
         except GeneratorExit:  # the consumer went away mid-answer: keep what was written, as stopped
-            self._stop.set()
+            self._cancel.cancel()
             _drain(stream)
             self._save_stopped(answer, parts, "abandoned")
             raise
@@ -318,9 +351,14 @@ class ChatService:
             yield self._fail(answer, question, parts, f"Something went wrong while answering: {exc}")
             return
         record = stream.record if stream is not None else _empty_record()
-        stopped = self._stop.is_set() or record.stop_reason == "cancelled"
+        stopped = self._cancel.cancelled or record.stop_reason == "cancelled"
         if stopped:
             record.stop_reason = "cancelled"
+        if pending_swap and not parts:  # stopped before the first token: what it was to replace stays
+            self.store.delete_message(answer.id)
+            kept = [m for m in self.store.messages(conv_id) if m.id in set(replaces) and m.role == "assistant"]
+            yield Finished(kept[-1] if kept else replace(answer, stopped=True), record)
+            return
         meta = {
             "state": "stopped" if stopped else "done",
             "model_id": model_id,
@@ -331,6 +369,16 @@ class ChatService:
         saved = self.store.update_message(answer.id, text="".join(parts), meta=meta, stopped=stopped)
         self.store.set_model(conv_id, model_id)
         yield Finished(saved, record)
+
+    def _swap_in(self, question: Message, shown: Message, replaces: Sequence[int]) -> None:
+        """The new answer has begun: drop what it replaces, and give an edited question its new text."""
+        with self.store.transaction():
+            for msg_id in replaces:
+                self.store.delete_message(msg_id)
+            if shown.text != question.text:
+                meta = {**question.meta, "edited_at": time.time()}
+                meta.setdefault("original_text", question.text)
+                self.store.update_message(question.id, text=shown.text, meta=meta)
 
     def _fail(self, answer: Message, question: Message, parts: list[str], reason: str) -> Failed:
         try:

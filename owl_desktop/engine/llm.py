@@ -24,6 +24,7 @@ import numpy as np
 
 from owl_desktop.engine.options import FLASH_ATTN_IDS, KV_TYPE_IDS, LlmSettings, Sampling, kv_type_problem
 from owl_desktop.errors import Cancelled, EngineError, PromptError
+from owl_desktop.tasks import CancelToken
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def _on_log(level: int, text: bytes, _user: Any) -> None:
         del _log_lines[:-20]
 
 
+_NO_ABORT = L.ggml_abort_callback()  # a NULL callback: no per-node Python call while tokens are generated
 _LOG_CALLBACK = L.llama_log_callback(_on_log)  # module-level: a collected ctypes callback would dangle
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -123,6 +125,31 @@ def read_gguf_architecture(path: Path) -> str:
         raise EngineError(f"{path.name} is not a readable GGUF file ({exc})") from exc
 
 
+class _StopText:
+    """Holds back streamed text that could be the start of a stop string, and cuts the answer where one appears."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [t for t in stops if t]
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """The text that can be shown now, and whether a stop string was reached (the answer ends before it)."""
+        if not self.stops:
+            return piece, False
+        text = self.pending + piece
+        cut = min((i for i in (text.find(t) for t in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.pending = ""
+            return text[:cut].rstrip(), True
+        hold = max((n for t in self.stops for n in range(1, len(t)) if text.endswith(t[:n])), default=0)
+        self.pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
 class LlamaEngine:
     """One llama.cpp model + context, used by one thread at a time."""
 
@@ -167,10 +194,11 @@ class LlamaEngine:
             raise EngineError(problem)
         cp.flash_attn_type = FLASH_ATTN_IDS[s.flash_attn]
         cp.type_k = cp.type_v = KV_TYPE_IDS[s.kv_type]
-        self._abort = threading.Event()
-        self._abort_cb = L.ggml_abort_callback(lambda _data: self._abort.is_set())  # keep a reference
-        cp.abort_callback = self._abort_cb
-        cp.abort_callback_data = None
+        # Cancel: each generate() gets its own token (a Stop that came before it started is never cleared away).
+        # llama.cpp calls the abort callback at every graph node (~1,000 Python calls per token at 7B), so it is set
+        # only while a prefill runs; between generated tokens the loop itself checks the token.
+        self._cancel = CancelToken()
+        self._abort_cb = L.ggml_abort_callback(lambda _data: self._cancel.cancelled)  # keep a reference
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
@@ -183,6 +211,7 @@ class LlamaEngine:
         self._keys: list[Any] = []  # identity of each KV position: token id or (key, row)
         self._lock = threading.Lock()
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._wordlike_mask: np.ndarray | None = None
         self._closed = False
 
     # ---------------------------------------------------------------- vocabulary
@@ -270,11 +299,22 @@ class LlamaEngine:
                 keys.extend((seg.key, r) for r in range(len(seg.rows)))
         return keys
 
-    def prefill(self, segments: Sequence[Segment]) -> tuple[int, int]:
+    def prefill(self, segments: Sequence[Segment], cancel: CancelToken | None = None) -> tuple[int, int]:
         """Bring the KV cache to exactly `segments`, reusing the longest matching prefix.
 
-        Returns (positions, reused positions). Logits of the last position are ready afterwards.
+        Returns (positions, reused positions). Logits of the last position are ready afterwards. Raises Cancelled
+        within one graph node once `cancel` (or `cancel()`) fires.
         """
+        if cancel is not None:
+            self._cancel = cancel
+        self._cancel.raise_if_cancelled()
+        L.llama_set_abort_callback(self.ctx, self._abort_cb, None)
+        try:
+            return self._prefill(segments)
+        finally:
+            L.llama_set_abort_callback(self.ctx, _NO_ABORT, None)
+
+    def _prefill(self, segments: Sequence[Segment]) -> tuple[int, int]:
         keys = self._flatten(segments)
         if not keys:
             raise PromptError("empty prompt")
@@ -330,13 +370,29 @@ class LlamaEngine:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
         return chain
 
+    def _wordlike(self) -> np.ndarray:
+        """[n_vocab] bool: whether a token's text holds a letter (a word or part of one)."""
+        if self._wordlike_mask is None:
+            self._wordlike_mask = np.array(
+                [any(ch.isalpha() for ch in self.token_bytes(t).decode("utf-8", "ignore")) for t in range(self.n_vocab)]
+            )
+        return self._wordlike_mask
+
     def _ban_repeated_ngrams(self, generated: Sequence[int], n: int) -> None:
-        """Set to -inf the logit of every token that would complete an n-gram already generated."""
+        """Set to -inf the logit of every word token that would complete an n-gram already generated.
+
+        Only tokens with a letter are banned: LLaMA writes numbers digit by digit, so banning repeated digit pairs
+        (or punctuation and spaces) would make "100 … 200" or "$12.50 … $1.20" impossible to write. Loops of words,
+        what the ban is for, are still stopped.
+        """
         if n <= 0 or len(generated) < n - 1:
             return
         prefix = tuple(generated[len(generated) - (n - 1) :]) if n > 1 else ()
+        wordlike = self._wordlike()
         banned = {
-            generated[i + n - 1] for i in range(len(generated) - n + 1) if tuple(generated[i : i + n - 1]) == prefix
+            generated[i + n - 1]
+            for i in range(len(generated) - n + 1)
+            if tuple(generated[i : i + n - 1]) == prefix and wordlike[generated[i + n - 1]]
         }
         if not banned:
             return
@@ -349,18 +405,23 @@ class LlamaEngine:
         segments: Sequence[Segment],
         sampling: Sampling | None = None,
         stats: GenerationStats | None = None,
+        cancel: CancelToken | None = None,
+        stop_texts: Sequence[str] = (),
     ) -> Iterator[str]:
         """Prefill `segments` and stream the answer as text pieces; fills `stats` as it goes.
 
-        Stop with `cancel()` from any thread: the stream ends within one token (a long prefill is aborted).
+        Stop with `cancel` (or `cancel()` from any thread): the stream ends within one token, and a long prefill is
+        aborted. A token fired before the call began stops it at once. The answer also ends where its text reaches
+        one of `stop_texts` (e.g. the template's next "Human:" turn), which is not streamed.
         """
         s = sampling or Sampling()
         st = stats if stats is not None else GenerationStats()
+        token = cancel or CancelToken()
         with self._lock:
-            self._abort.clear()
+            self._cancel = token
             t0 = time.perf_counter()
             try:
-                st.prompt_positions, st.reused_positions = self.prefill(segments)
+                st.prompt_positions, st.reused_positions = self.prefill(segments, token)
             except Cancelled:
                 st.stop_reason = "cancelled"
                 return
@@ -368,12 +429,13 @@ class LlamaEngine:
             st.seed = s.resolved_seed()
             chain = self._make_sampler(s, st.seed)
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            stops = _StopText(stop_texts)
             pos = st.prompt_positions
             at_start = True
             t_dec = time.perf_counter()
             try:
                 while True:
-                    if self._abort.is_set():
+                    if token.cancelled:
                         st.stop_reason = "cancelled"
                         break
                     if len(st.token_ids) >= s.max_new_tokens:
@@ -395,9 +457,13 @@ class LlamaEngine:
                     if at_start and piece:
                         piece = piece[1:] if piece.startswith(" ") else piece
                         at_start = not piece
+                    piece, hit = stops.feed(piece)
                     if piece:
                         yield piece
-                    if len(st.token_ids) >= s.max_new_tokens or self._abort.is_set():
+                    if hit:
+                        st.stop_reason = "stop"
+                        break
+                    if len(st.token_ids) >= s.max_new_tokens or token.cancelled:
                         continue  # no need to decode a token nobody will read past
                     try:
                         pos = self._decode_tokens([tok], pos, True)
@@ -406,7 +472,8 @@ class LlamaEngine:
                         break
                     self._keys.append(tok)
                     st.decode_tokens = len(st.token_ids)
-                tail = decoder.decode(b"", final=True)
+                tail, _hit = stops.feed(decoder.decode(b"", final=True))
+                tail += stops.flush() if st.stop_reason != "stop" else ""
                 if tail:
                     yield tail
             finally:
@@ -416,7 +483,7 @@ class LlamaEngine:
 
     def cancel(self) -> None:
         """Stop the current prefill or generation (thread-safe)."""
-        self._abort.set()
+        self._cancel.cancel()
 
     def reset(self) -> None:
         """Forget the KV cache (the next prompt is prefilled from scratch)."""

@@ -6,9 +6,7 @@ is never encoded twice; the LLM keeps its KV cache between calls, so a follow-up
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,18 +15,28 @@ from typing import Any
 import numpy as np
 
 from owl_desktop import bundle as bundle_mod
-from owl_desktop import paths
 from owl_desktop.bundle import Bundle
+from owl_desktop.engine import encode_cache
 from owl_desktop.engine import prompt as prompt_mod
 from owl_desktop.engine.llm import Embeddings, GenerationStats, LlamaEngine, LlmSettings, Sampling, Segment, Tokens
 from owl_desktop.engine.preprocess import PreparedImage, preprocess
-from owl_desktop.engine.vision import VisionEncoder
-from owl_desktop.errors import PromptError
+from owl_desktop.engine.vision import VisionEncoder, dtype_name
+from owl_desktop.errors import ImageError, PromptError
 from owl_desktop.hashing import sha256_bytes
 from owl_desktop.image_intake import read_source
-from owl_desktop.tasks import Task
+from owl_desktop.tasks import CancelToken, Task
 
-ImageSource = Path | str | bytes | PreparedImage
+
+@dataclass(frozen=True)
+class HashedImage:
+    """An image file whose sha256 is already known (the store names files by it): read only if it must be encoded."""
+
+    path: Path
+    sha256: str
+    name: str
+
+
+ImageSource = Path | str | bytes | PreparedImage | HashedImage
 
 
 @dataclass(frozen=True)
@@ -69,56 +77,12 @@ class AnswerRecord:
     context_used: int = 0
     context_size: int = 0
     reused_positions: int = 0
+    encode_ms: float = 0.0  # images encoded for this answer (0 when every one came from the cache)
     stop_reason: str = ""
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class _EncodeCache:
-    """Image rows by (sha256, bundle id): an LRU in memory, backed by .npy files in the cache dir."""
-
-    def __init__(self, bundle_id: str, capacity: int, on_disk: bool) -> None:
-        self.bundle_id = bundle_id
-        self.capacity = capacity
-        self.on_disk = on_disk
-        self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
-
-    def _file(self, sha: str) -> Path:
-        safe_id = hashlib.sha256(self.bundle_id.encode()).hexdigest()[:16]
-        return paths.cache_dir() / "encodes" / safe_id / f"{sha}.npy"
-
-    def get(self, sha: str) -> np.ndarray | None:
-        rows = self._mem.get(sha)
-        if rows is not None:
-            self._mem.move_to_end(sha)
-            return rows
-        if self.on_disk:
-            try:
-                rows = np.load(self._file(sha), allow_pickle=False)
-            except (OSError, ValueError):
-                return None
-            self._remember(sha, rows)
-        return rows
-
-    def put(self, sha: str, rows: np.ndarray) -> None:
-        self._remember(sha, rows)
-        if self.on_disk:
-            f = self._file(sha)
-            try:
-                paths.ensure(f.parent)
-                tmp = f.with_suffix(".tmp.npy")
-                np.save(tmp, rows, allow_pickle=False)
-                tmp.replace(f)
-            except OSError:
-                pass  # a full or read-only cache only costs a re-encode later
-
-    def _remember(self, sha: str, rows: np.ndarray) -> None:
-        self._mem[sha] = rows
-        self._mem.move_to_end(sha)
-        while len(self._mem) > self.capacity:
-            self._mem.popitem(last=False)
 
 
 class AnswerStream:
@@ -159,7 +123,11 @@ class ChatPipeline:
                 f"bundle {bundle.id}: the LLM is {self.llm.n_embd} wide but the vision output is "
                 f"{bundle.config.text.hidden_size}; the bundle is inconsistent, convert it again"
             )
-        self._cache = _EncodeCache(bundle.id, self.settings.memory_cache_images, self.settings.disk_cache)
+        key = encode_cache.encoder_key(bundle.files[bundle_mod.VISION_FILE].sha256, dtype_name(self.vision.dtype))
+        self._cache = encode_cache.EncodeCache(key, self.settings.memory_cache_images, self.settings.disk_cache)
+        self._request = CancelToken()  # the current request's: cancel() stops it at whatever stage it is in
+        # the answer ends where the model starts the template's next turn, before it can write the user's line
+        self._stop_texts = ("\n" + bundle.prompt.human.strip(), "\n" + bundle.prompt.ai.strip())
 
     @classmethod
     def open(cls, ref: str | Path, settings: EngineSettings | None = None, task: Task | None = None) -> ChatPipeline:
@@ -167,8 +135,8 @@ class ChatPipeline:
 
     # ---------------------------------------------------------------- images
 
-    def encode_images(self, images: Sequence[PreparedImage]) -> list[ImageTiming]:
-        """Encode what the cache lacks, in one batch; returns one timing per image."""
+    def encode_images(self, images: Sequence[PreparedImage], task: Task | None = None) -> list[ImageTiming]:
+        """Encode what the cache lacks, in one batch; returns one timing per image. `task` may cancel it."""
         timings: list[ImageTiming] = []
         todo: list[PreparedImage] = []
         for img in images:
@@ -178,7 +146,7 @@ class ChatPipeline:
                 todo.append(img)
         if todo:
             t0 = time.perf_counter()
-            rows = self.vision.encode(np.stack([img.pixels for img in todo]))  # [N, 65, n_embd] float32
+            rows = self.vision.encode(np.stack([img.pixels for img in todo]), task=task)  # [N, 65, n_embd] float32
             per_image = (time.perf_counter() - t0) * 1000 / len(todo)
             for img, r in zip(todo, rows, strict=True):
                 self._cache.put(img.sha256, np.ascontiguousarray(r))
@@ -205,15 +173,21 @@ class ChatPipeline:
         *,
         system: str | None = None,
         max_new_tokens: int = prompt_mod.MAX_NEW_TOKENS,
+        task: Task | None = None,
     ) -> tuple[prompt_mod.Prompt, list[Segment], list[ImageTiming]]:
-        """Turn a conversation into LLM segments, encoding only the images of the turns that fit."""
+        """Turn a conversation into LLM segments, encoding only the images of the turns that fit.
+
+        `task` may cancel it between images and between the vision tower's layers (raises Cancelled).
+        """
         # each file is read once: the bytes that were hashed are the bytes that get encoded
-        keyed: dict[str, PreparedImage | tuple[bytes, str]] = {}
+        keyed: dict[str, PreparedImage | HashedImage | tuple[bytes, str]] = {}
 
         def keys_of(sources: Sequence[ImageSource]) -> list[str]:
             out = []
             for src in sources:
-                if isinstance(src, PreparedImage):
+                if task is not None:
+                    task.check()
+                if isinstance(src, (PreparedImage, HashedImage)):
                     sha = src.sha256
                     keyed.setdefault(sha, src)
                 else:
@@ -240,11 +214,13 @@ class ChatPipeline:
         for sha in dict.fromkeys(prompt.image_keys):
             src = keyed[sha]
             if self._cache.get(sha) is not None:
-                name = src.name if isinstance(src, PreparedImage) else src[1]
+                name = src[1] if isinstance(src, tuple) else src.name
                 timings.append(ImageTiming(name, sha, 0.0, True))
             else:
-                to_encode.append(src if isinstance(src, PreparedImage) else preprocess(src[0], src[1]))
-        timings += self.encode_images(to_encode)
+                if task is not None:
+                    task.check()
+                to_encode.append(_prepare(src))
+        timings += self.encode_images(to_encode, task)
         order = {sha: i for i, sha in enumerate(dict.fromkeys(prompt.image_keys))}
         timings.sort(key=lambda t: order[t.sha256])
         segments: list[Segment] = []
@@ -265,24 +241,38 @@ class ChatPipeline:
         *,
         sampling: Sampling | None = None,
         system: str | None = None,
+        cancel: CancelToken | None = None,
     ) -> AnswerStream:
-        """Ask about `images`; iterate the returned stream for text pieces."""
+        """Ask about `images`; iterate the returned stream for text pieces.
+
+        Stop it with `cancel` (or `cancel()`), at any stage: reading and encoding images (Cancelled is raised from
+        here), prefilling or generating (the stream ends within a token). The record's time to first token counts
+        from this call, image encoding included.
+        """
+        t0 = time.perf_counter()
+        token = cancel or CancelToken()
+        self._request = token
         s = sampling or Sampling()
         prompt, segments, timings = self.build(
-            images, question, history, system=system, max_new_tokens=s.max_new_tokens
+            images, question, history, system=system, max_new_tokens=s.max_new_tokens, task=Task(cancel=token)
         )
         record = AnswerRecord(images=timings, dropped_turns=prompt.dropped_turns, context_size=self.llm.n_ctx)
+        record.encode_ms = sum(t.encode_ms for t in timings)
         capped = replace(s, max_new_tokens=prompt.max_new_tokens)
-        return AnswerStream(self, self._run(segments, capped, record), record)
+        return AnswerStream(self, self._run(segments, capped, record, token, t0), record)
 
-    def _run(self, segments: list[Segment], sampling: Sampling, record: AnswerRecord) -> Iterator[str]:
+    def _run(
+        self, segments: list[Segment], sampling: Sampling, record: AnswerRecord, token: CancelToken, t0: float
+    ) -> Iterator[str]:
         stats = GenerationStats()
+        started = time.perf_counter()
         try:
-            yield from self.llm.generate(segments, sampling, stats)
+            yield from self.llm.generate(segments, sampling, stats, cancel=token, stop_texts=self._stop_texts)
         finally:
             record.token_ids = list(stats.token_ids)
             record.prefill_ms = stats.prefill_ms
-            record.time_to_first_token_ms = stats.time_to_first_token_ms
+            if stats.time_to_first_token_ms:
+                record.time_to_first_token_ms = stats.time_to_first_token_ms + (started - t0) * 1000
             record.decode_tokens_per_s = stats.decode_tokens_per_s
             record.context_used = stats.context_used
             record.reused_positions = stats.reused_positions
@@ -290,6 +280,8 @@ class ChatPipeline:
             record.seed = stats.seed
 
     def cancel(self) -> None:
+        """Stop the current request at whatever stage it is in (thread-safe)."""
+        self._request.cancel()
         self.llm.cancel()
 
     def close(self) -> None:
@@ -300,3 +292,14 @@ class ChatPipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _prepare(src: PreparedImage | HashedImage | tuple[bytes, str]) -> PreparedImage:
+    if isinstance(src, PreparedImage):
+        return src
+    if isinstance(src, HashedImage):
+        prepared = preprocess(src.path, src.name)
+        if prepared.sha256 != src.sha256:
+            raise ImageError(f"{src.name}: the stored file changed on disk (its content no longer matches its name)")
+        return prepared
+    return preprocess(src[0], src[1])

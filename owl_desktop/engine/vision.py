@@ -15,6 +15,7 @@ CPUs with native bf16 matmul, else fp32), loads the weights strictly and encodes
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 from collections.abc import Mapping
@@ -502,7 +503,8 @@ class VisionEncoder:
     ) -> np.ndarray:
         """Pixel values [B,3,224,224] (CLIP-normalised float32) → C-contiguous float32 array [B, 65, n_embd].
 
-        Images run `batch_size` at a time; `task` gets progress in images and may cancel between batches.
+        Images run `batch_size` at a time; `task` gets progress in images and may cancel between the layers of the
+        ViT and the abstractor (Cancelled is raised within one layer, tens of milliseconds on a CPU).
         """
         px = torch.as_tensor(pixel_values)
         v = self.config.vision
@@ -511,6 +513,19 @@ class VisionEncoder:
             raise ValueError(f"pixel values must have shape [B, {', '.join(map(str, want))}], not {list(px.shape)}")
         n = px.shape[0]
         out = np.empty((n, self.image_rows, self.n_embd), dtype=np.float32)
+        hooks = []
+        if task is not None:
+            layers = [*self.model.vision_model.encoder.layers, *self.model.abstractor.encoder.layers]
+            hooks = [layer.register_forward_pre_hook(lambda _m, _a: task.check()) for layer in layers]
+        with contextlib.ExitStack() as stack:
+            stack.callback(lambda: [h.remove() for h in hooks])
+            self._encode_into(out, px, batch_size, task)
+        if task is not None:
+            task.report("encoding images", n, n, "images")
+        return out
+
+    def _encode_into(self, out: np.ndarray, px: torch.Tensor, batch_size: int, task: Task | None) -> None:
+        n = px.shape[0]
         with torch.inference_mode():
             for start in range(0, n, max(1, batch_size)):
                 if task is not None:
@@ -524,6 +539,3 @@ class VisionEncoder:
                         f"{self._device.type}; try the fp32 dtype"
                     )
                 out[start : start + chunk.shape[0]] = rows.float().cpu().numpy()
-        if task is not None:
-            task.report("encoding images", n, n, "images")
-        return out

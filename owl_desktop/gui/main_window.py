@@ -372,7 +372,7 @@ class MainWindow(QMainWindow):
             if answer != QMessageBox.StandardButton.Yes:
                 return
         try:
-            self.services.store.delete(conv_id)
+            self.services.chat.delete_conversation(conv_id)
         except Exception as exc:  # noqa: BLE001
             self.show_error(user_message(exc))
             return
@@ -495,7 +495,12 @@ class MainWindow(QMainWindow):
         if conv_id != self.current_id:
             return
         try:
-            messages = [m for m in self.services.store.messages(conv_id) if m.id != assistant_msg.id]
+            # an edited question shows its new text, though the store changes it only at the first token
+            messages = [
+                user_msg if m.id == user_msg.id else m
+                for m in self.services.store.messages(conv_id)
+                if m.id != assistant_msg.id
+            ]
         except Exception:  # noqa: BLE001
             messages = []
         self.chat.show_messages(messages)

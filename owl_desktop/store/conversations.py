@@ -373,10 +373,28 @@ class ConversationStore:
             self._touch(c, conv_id)
         return self.get(conv_id)
 
-    def delete(self, conv_id: str) -> None:
-        """Remove a conversation with its messages (stored images stay; see ImageStore.remove_unreferenced)."""
+    def delete(self, conv_id: str) -> set[str]:
+        """Remove a conversation with its messages; returns the sha256 of the images no message refers to any more
+        (the caller removes their files: the store keeps no files of its own)."""
         with self.transaction() as c:
+            own = {r[0] for r in c.execute(
+                "SELECT DISTINCT mi.sha256 FROM message_images mi JOIN messages m ON m.id = mi.message_id "
+                "WHERE m.conversation_id = ?", (conv_id,))}  # fmt: skip
             c.execute("DELETE FROM conversations WHERE id = ?", (conv_id,))
+            still = {r[0] for r in c.execute("SELECT DISTINCT sha256 FROM message_images")}
+        return own - still
+
+    def mark_interrupted(self) -> list[int]:
+        """Answers left "streaming" by a process that died mid-answer (a crash, kill -9, power cut) become stopped
+        and marked "interrupted", never shown as complete. Call once at start-up; returns their ids."""
+        with self.transaction() as c:
+            rows = c.execute(
+                "SELECT id, meta FROM messages WHERE role = 'assistant' AND json_extract(meta, '$.state') = 'streaming'"
+            ).fetchall()
+            for row in rows:
+                meta = json.dumps({**json.loads(row["meta"]), "state": "interrupted"}, ensure_ascii=False)
+                c.execute("UPDATE messages SET meta = ?, stopped = 1 WHERE id = ?", (meta, row["id"]))
+        return [int(r["id"]) for r in rows]
 
     def set_system_prompt(self, conv_id: str, system_prompt: str | None) -> Conversation:
         with self.transaction() as c:

@@ -145,16 +145,16 @@ class ImageStore:
             return []
         return sorted(p.stem for p in self.root.glob("??/*") if _SHA_RE.match(p.stem) and not p.name.startswith("."))
 
+    def remove(self, sha256: str) -> bool:
+        """Delete one stored image and its thumbnails; returns whether the image was there."""
+        stored = self._find(_check_sha(sha256))
+        for p in [*([stored] if stored else []), *thumbnails_dir().glob(f"{sha256}-*.png")]:
+            try:
+                p.unlink()
+            except OSError:
+                continue
+        return stored is not None
+
     def remove_unreferenced(self, referenced: set[str]) -> int:
         """Delete stored images whose sha256 is not in `referenced` (and their thumbnails); returns how many."""
-        removed = 0
-        for sha in self.all():
-            if sha in referenced:
-                continue
-            for p in [self.path(sha), *thumbnails_dir().glob(f"{sha}-*.png")]:
-                try:
-                    p.unlink()
-                except OSError:
-                    continue
-            removed += 1
-        return removed
+        return sum(self.remove(sha) for sha in self.all() if sha not in referenced)
