@@ -42,6 +42,13 @@ def llm_filename(quant: str) -> str:
     return f"llm-{quant}.gguf"
 
 
+def sanitize_bundle_id(raw: str) -> str:
+    """A folder-safe id: letters, digits, '.', '_' and '-' only, no leading dot, at most 80 characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip(".-")
+    cleaned = re.sub(r"-{2,}", "-", cleaned)[:80].rstrip(".-")
+    return cleaned or "model"
+
+
 def is_bundle_file(name: str) -> bool:
     """Whether `name` is one of the files a bundle folder holds (manifest, vision weights, a GGUF)."""
     return _BUNDLE_FILE.match(name) is not None
@@ -143,28 +150,11 @@ def load(ref: str | Path, *, verify: bool | None = None, task: Task | None = Non
     time this exact set of files (path, size, mtime) is loaded on this machine.
     """
     root = resolve(ref)
-    try:
-        raw = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        if int(raw.get("format_version", -1)) > FORMAT_VERSION:
-            raise BundleError(
-                f"bundle {root.name} has format {raw['format_version']}; this owl-desktop reads up to {FORMAT_VERSION}"
-            )
-        bundle = Bundle(
-            path=root,
-            id=str(raw["id"]),
-            quant=str(raw["quantization"]),
-            config=OwlConfig.from_dict({"model_type": "mplug-owl", **raw["config"]}),
-            prompt=PromptTemplate.from_dict(raw.get("prompt", {})),
-            files={k: FileRecord(str(v["sha256"]), int(v["size"])) for k, v in raw["files"].items()},
-            source=dict(raw.get("source", {})),
-            format_version=int(raw["format_version"]),
-        )
-    except BundleError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"bundle {root.name}: unreadable {MANIFEST} ({exc})") from exc
+    bundle = _parse_manifest(root)
     for name, rec in bundle.files.items():
         p = root / name
+        if p.is_symlink():
+            raise BundleError(f"bundle {bundle.id}: {name} is a link; a bundle holds plain files")
         if not p.is_file():
             raise BundleError(f"bundle {bundle.id}: file {name} is missing; delete the bundle and convert again")
         if p.stat().st_size != rec.size:
@@ -174,6 +164,59 @@ def load(ref: str | Path, *, verify: bool | None = None, task: Task | None = Non
         verify_hashes(bundle, task)
         _remember_verified(stamp)
     return bundle
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _parse_manifest(root: Path) -> Bundle:
+    """bundle.json, treated as untrusted input: every field checked before any path is built from it."""
+    where = f"bundle {root.name}"
+    try:
+        raw = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise BundleError(f"{where}: {MANIFEST} is not a JSON object")
+        if int(raw.get("format_version", -1)) > FORMAT_VERSION:
+            raise BundleError(
+                f"{where} has format {raw['format_version']}; this owl-desktop reads up to {FORMAT_VERSION}"
+            )
+        bundle_id, quant = str(raw["id"]), str(raw["quantization"])
+        if sanitize_bundle_id(bundle_id) != bundle_id:
+            raise BundleError(f"{where}: its id {bundle_id[:80]!r} is not a plain name; refused")
+        if quant not in QUANTS:
+            raise BundleError(f"{where}: unknown quantization {quant[:20]!r} (known: {', '.join(QUANTS)})")
+        files: dict[str, FileRecord] = {}
+        for name, rec in dict(raw["files"]).items():
+            name = str(name)
+            if not is_bundle_file(name) or name == MANIFEST:
+                raise BundleError(f"{where}: {MANIFEST} names a file {name[:80]!r} that no bundle holds; refused")
+            sha, size = str(rec["sha256"]).lower(), int(rec["size"])
+            if not _SHA256.match(sha) or size < 0:
+                raise BundleError(f"{where}: the record of {name} is malformed")
+            files[name] = FileRecord(sha, size)
+        if set(files) != {VISION_FILE, llm_filename(quant)}:
+            raise BundleError(f"{where}: {MANIFEST} must list {VISION_FILE} and {llm_filename(quant)}, and only them")
+        source = raw.get("source", {})
+        return Bundle(
+            path=root,
+            id=bundle_id,
+            quant=quant,
+            config=OwlConfig.from_dict({"model_type": "mplug-owl", **raw["config"]}),
+            prompt=PromptTemplate.from_dict(raw.get("prompt", {})),
+            files=files,
+            source=dict(source) if isinstance(source, dict) else {},
+            format_version=int(raw["format_version"]),
+        )
+    except BundleError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{where}: unreadable {MANIFEST} ({exc})") from exc
+
+
+def mark_verified(bundle: Bundle) -> None:
+    """Record that this exact set of files was hashed and matched (e.g. while being copied in), so the first load
+    does not hash them again."""
+    _remember_verified(_stamp(bundle))
 
 
 def verify_hashes(bundle: Bundle, task: Task | None = None) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from owl_desktop import __version__
+from owl_desktop import __version__, logs
 from owl_desktop.commands import COMMANDS
 from owl_desktop.errors import OwlError
 
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices}
     argv, open_files = split_open_files(sys.argv[1:] if argv is None else argv, commands)
     args = parser.parse_args(argv)
+    logs.setup()
     if args.self_test:
         from owl_desktop.gui import run_self_test  # Qt is loaded only when the app itself is wanted
 
@@ -57,8 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except OwlError as exc:
+        logging.getLogger("owl_desktop.cli").warning("%s: %s", args.command, exc)
         print(f"owl-desktop: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a bug: the traceback goes to the log, the user gets one line naming it
+        logging.getLogger("owl_desktop.cli").exception("%s failed", args.command)
+        print(f"owl-desktop: error: {type(exc).__name__}: {exc} ({logs.see_the_log()})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("owl-desktop: interrupted", file=sys.stderr)
         return 130

@@ -28,6 +28,7 @@ from owl_desktop import bundle as bundle_mod
 from owl_desktop.app.settings import Settings
 from owl_desktop.bundle import InstalledModel
 from owl_desktop.errors import Cancelled, EngineError, OwlError
+from owl_desktop.logs import see_the_log
 from owl_desktop.store.conversations import ConversationStore, ImageRef, Message, StoreError, qa_pairs
 from owl_desktop.store.images import ImageStore, StoredImage
 from owl_desktop.tasks import CancelToken
@@ -220,7 +221,7 @@ class ChatService:
             yield Failed(exc.message)
         except Exception as exc:  # noqa: BLE001 - a bug must not take the window down with it
             log.exception("chat use case failed")
-            yield Failed(f"Something went wrong: {exc}")
+            yield Failed(f"Something went wrong ({type(exc).__name__}); {see_the_log()}")
         finally:
             self._busy.release()
 
@@ -345,10 +346,10 @@ class ChatService:
             _drain(stream)  # e.g. the store failed mid-answer: end the generation, or the engine stays locked
             yield self._fail(answer, question, parts, exc.message)
             return
-        except Exception as exc:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             log.exception("answering failed")
             _drain(stream)
-            yield self._fail(answer, question, parts, f"Something went wrong while answering: {exc}")
+            yield self._fail(answer, question, parts, f"Something went wrong while answering; {see_the_log()}")
             return
         record = stream.record if stream is not None else _empty_record()
         stopped = self._cancel.cancelled or record.stop_reason == "cancelled"

@@ -30,7 +30,7 @@ import torch
 
 from owl_desktop import __version__
 from owl_desktop import bundle as bundle_mod
-from owl_desktop.bundle import QUANTS, VISION_FILE, llm_filename, write_manifest
+from owl_desktop.bundle import QUANTS, VISION_FILE, llm_filename, sanitize_bundle_id, write_manifest
 from owl_desktop.convert.checkpoint import Checkpoint, open_checkpoint
 from owl_desktop.convert.gguf_export import write_llm_gguf
 from owl_desktop.convert.lora import LoraAdapter, load_adapter
@@ -156,13 +156,6 @@ def describe_source(path: Path) -> dict[str, Any]:
 def default_bundle_id(source: dict[str, Any], quant: str) -> str:
     base = str(source.get("repo", "")).split("/")[-1] or Path(str(source["path"])).name
     return f"{base}-{quant.lower()}"
-
-
-def sanitize_bundle_id(raw: str) -> str:
-    """A folder-safe id: letters, digits, '.', '_' and '-' only, no leading dot, at most 80 characters."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip(".-")
-    cleaned = re.sub(r"-{2,}", "-", cleaned)[:80].rstrip(".-")
-    return cleaned or "model"
 
 
 # -----------------------------------------------------------------------------------------------------------------

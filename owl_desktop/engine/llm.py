@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ import numpy as np
 
 from owl_desktop.engine.options import FLASH_ATTN_IDS, KV_TYPE_IDS, LlmSettings, Sampling, kv_type_problem
 from owl_desktop.errors import Cancelled, EngineError, PromptError
+from owl_desktop.logs import see_the_log
 from owl_desktop.tasks import CancelToken
 
 
@@ -62,13 +64,21 @@ class GenerationStats:
         return self.prompt_positions + self.decode_tokens
 
 
+_LOG_LEVEL_WARN = 3
 _LOG_LEVEL_ERROR = 4
+_LOG_LEVEL_CONT = 5
 _log_lines: list[str] = []
+_llama_log = logging.getLogger("owl_desktop.llama_cpp")
 
 
 def _on_log(level: int, text: bytes, _user: Any) -> None:
-    # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Keep the last errors for our messages.
-    if level >= _LOG_LEVEL_ERROR and text:
+    # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Warnings and errors go to the app's log; the
+    # last errors are kept for our messages.
+    if level in (_LOG_LEVEL_WARN, _LOG_LEVEL_ERROR) and text:
+        line = text.decode("utf-8", "replace").strip()
+        if line:
+            _llama_log.log(logging.ERROR if level == _LOG_LEVEL_ERROR else logging.WARNING, "%s", line)
+    if level >= _LOG_LEVEL_ERROR and level != _LOG_LEVEL_CONT and text:
         _log_lines.append(text.decode("utf-8", "replace").strip())
         del _log_lines[:-20]
 
@@ -89,7 +99,7 @@ def _init_backend() -> None:
 
 
 def _last_error() -> str:
-    return _log_lines[-1] if _log_lines else "see the log"
+    return _log_lines[-1] if _log_lines else see_the_log()
 
 
 def physical_cores() -> int:

@@ -5,6 +5,7 @@ The GUI thread never waits on either: requests go out as queued signals, results
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -13,6 +14,7 @@ from typing import Any
 from PySide6.QtCore import QObject, QRunnable, Qt, QThread, QThreadPool, Signal, Slot
 
 from owl_desktop.errors import Cancelled, OwlError
+from owl_desktop.logs import see_the_log
 from owl_desktop.tasks import CancelToken, Progress, Task
 
 
@@ -24,7 +26,8 @@ def user_message(exc: BaseException) -> str:
         return "Out of memory. Try a smaller model or a shorter context."
     if isinstance(exc, OSError):
         return f"A file could not be read or written: {exc.strerror or exc}"
-    return f"Something went wrong: {exc.__class__.__name__}: {exc}"
+    logging.getLogger(__name__).error("unexpected error", exc_info=exc)
+    return f"Something went wrong ({exc.__class__.__name__}); {see_the_log()}"
 
 
 class EngineWorker(QObject):

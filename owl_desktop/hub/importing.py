@@ -1,12 +1,16 @@
 """Bring a model that is already on this machine into the models folder.
 
-A bundle folder (bundle.json + its files) is copied in, or moved when asked, and every file is hashed against its
-manifest before the bundle becomes visible. A checkpoint folder (config.json + weights + tokenizer.model, e.g. a
+A bundle folder (bundle.json + its files) is copied in, or moved when asked. Its bundle.json is untrusted: names,
+id, quantization and sizes are checked (bundle.load) before anything is copied, every file is hashed while it is
+copied into a hidden folder, and the bundle becomes visible (renamed into place) only when every hash matched.
+
+A checkpoint folder (config.json + weights + tokenizer.model, e.g. a
 Hugging Face download or cache snapshot) is converted into a bundle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -47,15 +51,19 @@ def import_bundle(src: Path, models_dir: Path, *, move: bool, task: Task) -> Pat
     if move and _only_bundle_files(src) and _same_filesystem(src, models_dir):
         bundle_mod.load(src, verify=True, task=task)
         os.rename(src, target)
+        bundle_mod.mark_verified(bundle_mod.load(target, verify=False))
         return target
     work = models_dir / f".{existing.id}.importing-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
         work.mkdir()
         total = sum(r.size for r in existing.files.values()) + (src / MANIFEST).stat().st_size
-        _copy_files(src, work, names, total, task)
-        bundle_mod.load(work, verify=True, task=task)
+        hashes = _copy_files(src, work, names, total, task)
+        for name, rec in existing.files.items():
+            if hashes[name] != rec.sha256:
+                raise BundleError(f"bundle {existing.id}: file {name} is corrupted (sha256 mismatch); not imported")
         os.rename(work, target)
+        bundle_mod.mark_verified(bundle_mod.load(target, verify=False))  # hashed while copied: not again on load
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -70,10 +78,10 @@ def import_bundle(src: Path, models_dir: Path, *, move: bool, task: Task) -> Pat
 def import_checkpoint(
     src: Path, models_dir: Path, *, quant: str, task: Task, free_space: FreeSpaceProbe | None, bundle_id: str | None
 ) -> Path:
-    from owl_desktop.convert.converter import convert_checkpoint, default_bundle_id, describe_source, sanitize_bundle_id
+    from owl_desktop.convert.converter import convert_checkpoint, default_bundle_id, describe_source
 
     source = describe_source(src)
-    bundle_id = sanitize_bundle_id(bundle_id or default_bundle_id(source, quant))
+    bundle_id = bundle_mod.sanitize_bundle_id(bundle_id or default_bundle_id(source, quant))
     return convert_checkpoint(
         src,
         models_dir / bundle_id,
@@ -93,13 +101,21 @@ def _same_filesystem(a: Path, b: Path) -> bool:
     return os.stat(existing_ancestor(a)).st_dev == os.stat(existing_ancestor(b)).st_dev
 
 
-def _copy_files(src: Path, dst: Path, names: list[str], total: int, task: Task) -> None:
+def _copy_files(src: Path, dst: Path, names: list[str], total: int, task: Task) -> dict[str, str]:
+    """Copy `names` and return the sha256 of what was copied (one read of each file)."""
     done = 0
+    hashes: dict[str, str] = {}
     for name in names:
+        h = hashlib.sha256()
         with open(src / name, "rb") as fin, open(dst / name, "wb") as fout:
             while block := fin.read(8 << 20):
                 task.check()
+                h.update(block)
                 fout.write(block)
                 done += len(block)
                 task.report("copying the bundle", done, total, "B")
+            fout.flush()
+            os.fsync(fout.fileno())
         shutil.copystat(src / name, dst / name)
+        hashes[name] = h.hexdigest()
+    return hashes

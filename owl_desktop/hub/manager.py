@@ -157,14 +157,14 @@ class ModelManager:
         quantization does not fit in memory. Already installed from the same commit: returns it at once. Offline with
         a complete download on disk: converts it without going online.
         """
-        from owl_desktop.convert.converter import convert_checkpoint, default_bundle_id, sanitize_bundle_id
+        from owl_desktop.convert.converter import convert_checkpoint, default_bundle_id
 
         task = task or Task()
         quant = _check_quant(quant)
         repo_id = check_repo_id(repo_id)
         settings = self.settings()
         folder = self._download_folder(repo_id)
-        bundle_id = sanitize_bundle_id(bundle_id or default_bundle_id({"repo": repo_id}, quant))
+        bundle_id = bundle_mod.sanitize_bundle_id(bundle_id or default_bundle_id({"repo": repo_id}, quant))
         target = self.models_dir / bundle_id
         if settings.offline:
             local = snapshot.describe(folder)
