@@ -33,7 +33,8 @@ MemoryProbe = Callable[[], MemoryInfo]
 
 
 def system_memory() -> MemoryInfo:
-    """RAM from psutil; VRAM of the first CUDA device when torch sees one."""
+    """RAM from psutil; VRAM of the first CUDA device when torch sees one and this llama.cpp build can offload to
+    it (a CPU-only build runs the model from RAM, whatever GPU the machine has)."""
     import psutil
 
     vm = psutil.virtual_memory()
@@ -41,7 +42,9 @@ def system_memory() -> MemoryInfo:
     try:
         import torch
 
-        if torch.cuda.is_available():
+        from owl_desktop.engine.llm import gpu_offload_supported
+
+        if torch.cuda.is_available() and gpu_offload_supported():
             free, total = torch.cuda.mem_get_info(0)
             return MemoryInfo(info.ram_total, info.ram_available, torch.cuda.get_device_name(0), int(total), int(free))
     except Exception:  # no torch, or a broken CUDA setup: plan for the CPU
