@@ -9,7 +9,7 @@ from typing import Any
 
 # Kept in sync with owl_desktop.devtools.tiny_checkpoint (not imported here: torch loads only when a command runs).
 _VARIANTS = ("bin", "sharded", "safetensors", "sharded-safetensors", "lora")
-_PRESETS = ("tiny", "bench")
+_PRESETS = ("tiny", "bench", "7b")  # devtools.tiny_checkpoint.PRESETS, without importing torch for --help
 
 
 def register(sub: Any) -> None:
@@ -24,7 +24,12 @@ def register(sub: Any) -> None:
     )
     make.add_argument("out", type=Path, metavar="OUT", help="directory to write (created if missing)")
     make.add_argument("--variant", choices=_VARIANTS, default="bin", help="file layout (default: bin)")
-    make.add_argument("--preset", choices=_PRESETS, default="tiny", help="model size: tiny (tests) or bench (~3 GB)")
+    make.add_argument(
+        "--preset",
+        choices=_PRESETS,
+        default="tiny",
+        help="model size: tiny (tests), bench (~3 GB) or 7b (mPLUG-Owl-7B's shapes, ~13.7 GB)",
+    )
     make.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     make.set_defaults(func=_make_checkpoint)
 

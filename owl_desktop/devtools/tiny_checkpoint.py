@@ -179,6 +179,10 @@ PRESETS: dict[str, Preset] = {
     "tiny": _preset("tiny", vision=(64, 128, 2, 4), abstractor=(2, 4, 96), text=(256, 512, 2, 4)),
     # For the conversion memory benchmark: ~1.5 B parameters, ~3 GB in bf16. Real ViT-L/14 and abstractor sizes.
     "bench": _preset("bench", vision=(1024, 4096, 24, 16), abstractor=(6, 16, 2816), text=(2048, 5504, 22, 16)),
+    # For the real-size benchmarks: mPLUG-Owl-llama-7b's shapes (ViT-L/14, the abstractor, LLaMA-7B: 4096 wide,
+    # 32 layers), ~13.7 GB in bf16. Only the vocabulary is the small test tokenizer's (LLaMA's has 32,000 tokens:
+    # its embedding and output matrices would add ~0.5 GB in bf16, ~0.2 GB at Q4_K_M).
+    "7b": _preset("7b", vision=(1024, 4096, 24, 16), abstractor=(6, 16, 2816), text=(4096, 11008, 32, 32)),
 }
 
 
