@@ -26,10 +26,11 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 from owl_desktop import paths  # noqa: E402
 from owl_desktop.devtools.demo import DEMO_BUNDLE_ID, ensure_demo_bundle  # noqa: E402
 from owl_desktop.devtools.tiny_checkpoint import make_checkpoint  # noqa: E402
-from owl_desktop.gui.app import apply_theme, build_services  # noqa: E402
 from owl_desktop.gui.chat_view import Thumbnail  # noqa: E402
 from owl_desktop.gui.dnd import simulate_drop  # noqa: E402
 from owl_desktop.gui.main_window import MainWindow, State  # noqa: E402
+from owl_desktop.gui.services import build_services  # noqa: E402
+from owl_desktop.gui.theme import apply_theme  # noqa: E402
 from owl_desktop.hub.catalog import DEFAULT_REPO  # noqa: E402
 from owl_desktop.hub.download import partial_path  # noqa: E402
 from owl_desktop.hub.retry import RetryPolicy  # noqa: E402
@@ -130,11 +131,13 @@ def hold_after_pieces(window: MainWindow, n: int) -> None:
     run out on a loaded machine; the make_window fixture stops every window's engine at teardown."""
     count = [0]
     worker = window.engine.worker
+    stop_requested = threading.Event()
+    worker.stop_requested.connect(stop_requested.set, Qt.ConnectionType.DirectConnection)
 
     def hold(_piece: str) -> None:
         count[0] += 1
         if count[0] == n:
-            worker.stopping.wait(ANSWER_MS / 1000)
+            stop_requested.wait(ANSWER_MS / 1000)
 
     worker.piece.connect(hold, Qt.ConnectionType.DirectConnection)
 

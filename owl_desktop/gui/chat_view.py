@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QGuiApplication, QMouseEvent, QPixmap, QResizeEvent
+from PySide6.QtGui import QGuiApplication, QKeyEvent, QMouseEvent, QPixmap, QResizeEvent
 from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
@@ -20,8 +20,14 @@ from PySide6.QtWidgets import (
 )
 
 from owl_desktop.gui import markdown
-from owl_desktop.gui.app import colors, theme_bus
+from owl_desktop.gui.format import record_summary
 from owl_desktop.gui.icons import icon, render
+from owl_desktop.gui.theme import colors, theme_bus
+from owl_desktop.store.conversations import ImageRef, Message
+from owl_desktop.store.images import ImageStore
+
+if TYPE_CHECKING:
+    from owl_desktop.engine.pipeline import AnswerRecord
 
 FLUSH_MS = 40  # streamed text is shown at most this often: one layout pass per flush, not per token
 THUMB = 96
@@ -73,7 +79,7 @@ class Thumbnail(QLabel):
             self.clicked.emit()
         super().mouseReleaseEvent(event)
 
-    def keyPressEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
+    def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 - Qt override
         if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter, Qt.Key.Key_Space):
             self.clicked.emit()
         else:
@@ -88,7 +94,9 @@ class MessageBubble(QFrame):
     edit_clicked = Signal()
     image_clicked = Signal(int)
 
-    def __init__(self, role: str, text: str, images: Sequence[tuple[Path | None, str]] = (), msg_id: Any = None):
+    def __init__(
+        self, role: str, text: str, images: Sequence[tuple[Path | None, str]] = (), msg_id: int | None = None
+    ) -> None:
         super().__init__()
         self.role = role
         self.msg_id = msg_id
@@ -165,30 +173,6 @@ class MessageBubble(QFrame):
         self.set_text(self.text)
 
 
-def record_summary(record: Any) -> str:
-    """'12.4 tok/s · first token 0.31 s · 612 / 2048 context' from an AnswerRecord (or a dict of it)."""
-    if record is None:
-        return ""
-
-    def get(name: str) -> Any:
-        return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
-
-    parts = []
-    if tps := get("decode_tokens_per_s") or get("tokens_per_s"):
-        parts.append(f"{tps:.1f} tok/s")
-    if ttft := get("time_to_first_token_ms") or get("ttft_ms"):
-        parts.append(f"first token {ttft / 1000:.2f} s")
-    if (used := get("context_used")) and (size := get("context_size")):
-        parts.append(f"{used} / {size} context")
-    if get("state") == "failed":
-        parts.append("interrupted by an error")
-    elif get("stop_reason") in ("cancelled", "abandoned") or get("state") == "stopped":
-        parts.append("stopped")
-    elif get("stop_reason") == "length":
-        parts.append("cut at the length limit")
-    return " · ".join(parts)
-
-
 class ChatView(QScrollArea):
     """The messages of one conversation. Holds no state beyond what it shows."""
 
@@ -196,7 +180,7 @@ class ChatView(QScrollArea):
     edit_requested = Signal(object, str)  # user message id, its text
     image_requested = Signal(list, int)  # [(path, name)], index
 
-    def __init__(self, images: Any) -> None:
+    def __init__(self, images: ImageStore) -> None:
         super().__init__()
         self.setObjectName("ChatScroll")
         self._images = images
@@ -245,20 +229,18 @@ class ChatView(QScrollArea):
         v.addStretch(2)
         return box
 
-    def _image_entries(self, refs: Sequence[Any]) -> list[tuple[Path | None, str]]:
+    def _image_entries(self, refs: Sequence[ImageRef]) -> list[tuple[Path | None, str]]:
         out: list[tuple[Path | None, str]] = []
         for ref in refs:
-            sha = getattr(ref, "sha256", None) or (ref.get("sha256") if isinstance(ref, dict) else None)
-            name = getattr(ref, "name", None) or (ref.get("name") if isinstance(ref, dict) else None) or "image"
             path: Path | None = None
             try:
-                path = Path(self._images.thumbnail(sha, 256))
+                path = Path(self._images.thumbnail(ref.sha256, 256))
             except Exception:  # noqa: BLE001 - a missing file shows a placeholder, never an error
                 path = None
-            out.append((path, str(name)))
+            out.append((path, ref.name or "image"))
         return out
 
-    def _full_images(self, refs: Sequence[Any]) -> list[tuple[Path, str]]:
+    def _full_images(self, refs: Sequence[ImageRef]) -> list[tuple[Path, str]]:
         out = []
         for ref in refs:
             try:
@@ -267,7 +249,9 @@ class ChatView(QScrollArea):
                 continue
         return out
 
-    def _add_bubble(self, role: str, text: str, refs: Sequence[Any] = (), msg_id: Any = None) -> MessageBubble:
+    def _add_bubble(
+        self, role: str, text: str, refs: Sequence[ImageRef] = (), msg_id: int | None = None
+    ) -> MessageBubble:
         bubble = MessageBubble(role, text, self._image_entries(refs), msg_id)
         bubble.copy_clicked.connect(lambda b=bubble: QGuiApplication.clipboard().setText(b.text))
         bubble.regenerate_clicked.connect(self.regenerate_requested.emit)
@@ -318,7 +302,7 @@ class ChatView(QScrollArea):
         self._rows.clear()
         self._empty.setVisible(True)
 
-    def show_messages(self, messages: Sequence[Any]) -> None:
+    def show_messages(self, messages: Sequence[Message]) -> None:
         """Show `messages` (the store's Message objects), keeping bubbles that are already right."""
         current = [(b.msg_id, b.role, b.text) for b in self.bubbles()]
         wanted = [(m.id, m.role, m.text) for m in messages]
@@ -340,10 +324,9 @@ class ChatView(QScrollArea):
             del self._rows[cut:]
         for m in messages[keep:]:
             self._add_bubble(m.role, m.text, m.images, m.id)
-            meta = getattr(m, "meta", None) or {}
             if m.role == "assistant":
-                self.bubbles()[-1].set_meta(record_summary(meta))
-                if dropped := meta.get("dropped_turns"):
+                self.bubbles()[-1].set_meta(record_summary(m.meta))
+                if dropped := m.meta.get("dropped_turns"):
                     self.add_notice(_dropped_notice(int(dropped)))
         self._empty.setVisible(not self._rows)
         self._update_actions()
@@ -359,9 +342,9 @@ class ChatView(QScrollArea):
 
     # ------------------------------------------------------------ streaming
 
-    def begin_answer(self, assistant_msg: Any = None) -> MessageBubble:
+    def begin_answer(self, assistant_msg: Message | None = None) -> MessageBubble:
         self.flush()
-        bubble = self._add_bubble("assistant", "", (), getattr(assistant_msg, "id", None))
+        bubble = self._add_bubble("assistant", "", (), assistant_msg.id if assistant_msg is not None else None)
         bubble.streaming = True
         bubble.set_text("")
         bubble.set_meta("writing…")
@@ -391,7 +374,7 @@ class ChatView(QScrollArea):
             return ""
         return self._streaming.text + "".join(self._buffer)
 
-    def finish_answer(self, message: Any, record: Any) -> None:
+    def finish_answer(self, message: Message | None, record: AnswerRecord | None) -> None:
         bubble = self._streaming
         self.flush()
         self._flush_timer.stop()
@@ -400,14 +383,13 @@ class ChatView(QScrollArea):
             return
         bubble.streaming = False
         if message is not None:
-            bubble.msg_id = getattr(message, "id", bubble.msg_id)
-            text = getattr(message, "text", None)
-            bubble.set_text(text if text is not None else bubble.text)
+            bubble.msg_id = message.id
+            bubble.set_text(message.text)
         else:
             bubble.set_text(bubble.text)
         bubble.set_meta(record_summary(record))
         self._apply_width(bubble)
-        dropped = getattr(record, "dropped_turns", 0) if record is not None else 0
+        dropped = record.dropped_turns if record is not None else 0
         if dropped:
             self.add_notice(_dropped_notice(int(dropped)))
         self._update_actions()

@@ -19,9 +19,9 @@ from PySide6.QtWidgets import (
 )
 
 from owl_desktop.gui import attachments
-from owl_desktop.gui.app import colors, theme_bus
 from owl_desktop.gui.attachments import PendingImage
 from owl_desktop.gui.icons import icon
+from owl_desktop.gui.theme import colors, theme_bus
 
 CHIP = 72
 

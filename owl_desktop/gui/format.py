@@ -1,9 +1,14 @@
-"""Numbers as people read them: sizes, speeds, time left."""
+"""Numbers as people read them: sizes, speeds, time left, and an answer's figures. No Qt here."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from owl_desktop.engine.pipeline import AnswerRecord
 
 
 def size(n: float | None) -> str:
@@ -90,3 +95,37 @@ def paused_line(done: float, total: float | None) -> str:
     """e.g. 'Paused · 1.2 GB of 4.1 GB downloaded · Resume continues from there, also after a restart'."""
     got = f"{size(done)} of {size(total)}" if total else size(done)
     return f"Paused · {got} downloaded · Resume continues from there, also after a restart"
+
+
+def _figure(record: AnswerRecord | Mapping[str, Any], name: str) -> Any:
+    """A field of an AnswerRecord, or a key of the meta a stored answer keeps of it (other names there)."""
+    return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
+
+
+def answer_speed(record: AnswerRecord | Mapping[str, Any] | None) -> str:
+    """e.g. '12.4 tok/s · first token 0.31 s' from an AnswerRecord or a stored answer's meta."""
+    if record is None:
+        return ""
+    parts = []
+    if tps := _figure(record, "decode_tokens_per_s") or _figure(record, "tokens_per_s"):
+        parts.append(f"{tps:.1f} tok/s")
+    if ttft := _figure(record, "time_to_first_token_ms") or _figure(record, "ttft_ms"):
+        parts.append(f"first token {ttft / 1000:.2f} s")
+    return " · ".join(parts)
+
+
+def record_summary(record: AnswerRecord | Mapping[str, Any] | None) -> str:
+    """e.g. '12.4 tok/s · first token 0.31 s · 612 / 2048 context · stopped' under an answer."""
+    if record is None:
+        return ""
+    speed = answer_speed(record)
+    parts = [speed] if speed else []
+    if (used := _figure(record, "context_used")) and (context := _figure(record, "context_size")):
+        parts.append(f"{used} / {context} context")
+    if _figure(record, "state") == "failed":
+        parts.append("interrupted by an error")
+    elif _figure(record, "stop_reason") in ("cancelled", "abandoned") or _figure(record, "state") == "stopped":
+        parts.append("stopped")
+    elif _figure(record, "stop_reason") == "length":
+        parts.append("cut at the length limit")
+    return " · ".join(parts)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence, QShortcut
@@ -26,17 +26,29 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from owl_desktop.gui import attachments, qt_fixes
-from owl_desktop.gui.app import Services, apply_theme, colors, theme_bus
+from owl_desktop.app.settings import Settings
+from owl_desktop.gui import attachments
+from owl_desktop.gui.attachments import PendingImage
 from owl_desktop.gui.chat_view import ChatView
 from owl_desktop.gui.composer import Composer
 from owl_desktop.gui.icons import icon
 from owl_desktop.gui.image_viewer import ImageViewer
 from owl_desktop.gui.model_controller import ModelController
+from owl_desktop.gui.services import Services
 from owl_desktop.gui.sidebar import Sidebar
 from owl_desktop.gui.status_line import StatusLine
+from owl_desktop.gui.theme import apply_theme, colors, theme_bus
 from owl_desktop.gui.welcome import WelcomePage
 from owl_desktop.gui.workers import EngineHost, TaskRunner, user_message
+from owl_desktop.store.conversations import Conversation, Message
+from owl_desktop.tasks import Progress
+
+if TYPE_CHECKING:
+    from owl_desktop.engine.pipeline import AnswerRecord
+    from owl_desktop.gui.models_page import ModelsWindow
+    from owl_desktop.gui.settings_dialog import SettingsDialog
+
+Submission = tuple[str, list[tuple[Path | bytes, str]]]  # question, (image source, name) pairs
 
 
 class State(Enum):
@@ -84,7 +96,6 @@ class MainWindow(QMainWindow):
     model_ready = Signal(str)
 
     def __init__(self, services: Services) -> None:
-        qt_fixes.apply()  # before the threads start (idempotent; the app applies it when it creates itself)
         super().__init__()
         self.services = services
         self.setWindowTitle("Owl")
@@ -93,11 +104,11 @@ class MainWindow(QMainWindow):
         self.setMinimumSize(QSize(720, 480))
         self.setAcceptDrops(True)
         self.state = State.NO_MODEL
-        self.current_id: Any = None
-        self._pending_submission: tuple[str, list] | None = None
-        self._pending_images: list = []
-        self._last_submission: tuple[str, list] | None = None
-        self._models_window: Any = None
+        self.current_id: str | None = None
+        self._pending_submission: Submission | None = None
+        self._pending_images: list[PendingImage] = []
+        self._last_submission: tuple[str, list[PendingImage]] | None = None
+        self._models_window: ModelsWindow | None = None
         self._closing = False
 
         self.engine = EngineHost(services.chat, self)
@@ -115,7 +126,7 @@ class MainWindow(QMainWindow):
         self._build_layout()
         self._connect()
         self._shortcuts()
-        self.composer.set_send_on_enter(bool(getattr(services.settings, "send_on_enter", True)))
+        self.composer.set_send_on_enter(services.settings.send_on_enter)
         theme_bus().changed.connect(self._retint)
         self._retint()
 
@@ -228,7 +239,7 @@ class MainWindow(QMainWindow):
         """Show the conversations and load the last model (or offer one on the welcome page)."""
         self.refresh_conversations()
         ids = self.models.installed_ids() or [m.id for m in self._installed_from_service()]
-        last = getattr(self.services.settings, "last_model_id", None)
+        last = self.services.settings.last_model_id
         if ids:
             self.pages.setCurrentWidget(self.chat_page)
             self.load_model(last if last in ids else ids[0])
@@ -269,7 +280,7 @@ class MainWindow(QMainWindow):
         self.status.set_model(ref)
         self.status.set_activity("loading the model…", None, True)
 
-    def _on_engine_progress(self, p: Any) -> None:
+    def _on_engine_progress(self, p: Progress) -> None:
         if self.state is State.LOADING:
             self.status.set_activity(f"{p.stage}…", p.fraction, True)
 
@@ -332,7 +343,7 @@ class MainWindow(QMainWindow):
         self.new_conversation()
         self.composer.add_files(files)
 
-    def open_conversation(self, conv_id: Any) -> None:
+    def open_conversation(self, conv_id: str) -> None:
         if self.state is State.ANSWERING and conv_id != self.current_id:
             self.sidebar.select(self.current_id)
             self.show_error("Stop the answer being written before switching conversations.")
@@ -352,7 +363,7 @@ class MainWindow(QMainWindow):
         if self.pages.currentWidget() is not self.welcome:
             self.pages.setCurrentWidget(self.chat_page)
 
-    def rename_conversation(self, conv_id: Any, title: str) -> None:
+    def rename_conversation(self, conv_id: str, title: str) -> None:
         try:
             self.services.store.rename(conv_id, title)
         except Exception as exc:  # noqa: BLE001
@@ -362,7 +373,7 @@ class MainWindow(QMainWindow):
             self.title.setText(title)
         self.refresh_conversations()
 
-    def delete_conversation(self, conv_id: Any, confirm: bool = True) -> None:
+    def delete_conversation(self, conv_id: str, confirm: bool = True) -> None:
         if self.state is State.ANSWERING and conv_id == self.current_id:
             self.show_error("Stop the answer being written before deleting this conversation.")
             return
@@ -380,7 +391,7 @@ class MainWindow(QMainWindow):
             self.new_conversation()
         self.refresh_conversations()
 
-    def export_conversation(self, conv_id: Any, target: Path | None = None) -> Path | None:
+    def export_conversation(self, conv_id: str | None, target: Path | None = None) -> Path | None:
         from owl_desktop.store import exchange
 
         if conv_id is None:
@@ -406,7 +417,7 @@ class MainWindow(QMainWindow):
             self.show_error(f"The conversation could not be exported: {user_message(exc)}")
             return None
 
-    def import_conversation(self, source: Path | None = None) -> Any:
+    def import_conversation(self, source: Path | None = None) -> Conversation | None:
         from owl_desktop.store import exchange
 
         if source is None:
@@ -432,7 +443,7 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------ asking
 
-    def send(self, text: str, images: list) -> None:
+    def send(self, text: str, images: list[PendingImage]) -> None:
         sources = [(img.source, img.name) for img in images]
         if self.state is State.ANSWERING:
             return
@@ -448,7 +459,7 @@ class MainWindow(QMainWindow):
             return
         self._ask(text, sources)
 
-    def _ask(self, text: str, sources: list) -> None:
+    def _ask(self, text: str, sources: list[tuple[Path | bytes, str]]) -> None:
         if self.current_id is None:
             try:
                 conv = self.services.store.create()
@@ -458,7 +469,7 @@ class MainWindow(QMainWindow):
             self.current_id = conv.id
             self.chat.clear()
             self.refresh_conversations()
-        self._last_submission = (text, list(getattr(self, "_pending_images", [])))
+        self._last_submission = (text, list(self._pending_images))
         self.set_state(State.ANSWERING)
         self.status.set_activity("reading the images…" if sources else "thinking…", None, True)
         self.engine.ask(self.current_id, text, sources)
@@ -472,7 +483,7 @@ class MainWindow(QMainWindow):
         self.status.set_activity("thinking…", None, True)
         self.engine.regenerate(self.current_id)
 
-    def edit_and_resend(self, msg_id: Any, text: str) -> None:
+    def edit_and_resend(self, msg_id: int, text: str) -> None:
         if self.state is not State.READY or self.current_id is None:
             return
         self.banner.hide()
@@ -491,7 +502,7 @@ class MainWindow(QMainWindow):
         elif self.banner.isVisible():
             self.banner.hide()
 
-    def _on_started(self, conv_id: Any, user_msg: Any, assistant_msg: Any) -> None:
+    def _on_started(self, conv_id: str, user_msg: Message, assistant_msg: Message) -> None:
         if conv_id != self.current_id:
             return
         try:
@@ -508,7 +519,7 @@ class MainWindow(QMainWindow):
         self.status.set_activity("answering…", None, True)
         self._refresh_title(conv_id)
 
-    def _on_finished(self, conv_id: Any, message: Any, record: Any) -> None:
+    def _on_finished(self, conv_id: str, message: Message, record: AnswerRecord) -> None:
         if conv_id == self.current_id:
             self.chat.finish_answer(message, record)
         self.status.set_record(record)
@@ -517,7 +528,7 @@ class MainWindow(QMainWindow):
         self.refresh_conversations()
         self.answer_finished.emit()
 
-    def _on_failed(self, conv_id: Any, message: str, stored: bool) -> None:
+    def _on_failed(self, conv_id: str | None, message: str, stored: bool) -> None:
         self.chat.fail_answer(message)
         self.status.set_activity("")
         if self.state is State.ANSWERING:
@@ -535,14 +546,14 @@ class MainWindow(QMainWindow):
         self.refresh_conversations()
         self.answer_finished.emit()
 
-    def _restore_composer(self, text: str, images: list) -> None:
+    def _restore_composer(self, text: str, images: list[PendingImage]) -> None:
         if not self.composer.text().strip():
             self.composer.edit.setPlainText(text)
         if not self.composer.images():
             for image in images:
                 self.composer.strip.add(image)
 
-    def _refresh_title(self, conv_id: Any) -> None:
+    def _refresh_title(self, conv_id: str) -> None:
         try:
             self.title.setText(self.services.store.get(conv_id).title)
         except Exception:  # noqa: BLE001
@@ -560,13 +571,13 @@ class MainWindow(QMainWindow):
             return
         self.composer.add_mime(mime)
 
-    def show_images(self, images: list, index: int) -> None:
+    def show_images(self, images: list[tuple[Path, str]], index: int) -> None:
         if images:
             viewer = ImageViewer(images, index, self)
             viewer.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
             viewer.open()
 
-    def _open_pending_images(self, entries: list, index: int) -> None:
+    def _open_pending_images(self, entries: list[tuple[Path | bytes, str]], index: int) -> None:
         import tempfile
 
         shown = []
@@ -600,7 +611,7 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------ windows
 
-    def show_models(self) -> Any:
+    def show_models(self) -> ModelsWindow:
         from owl_desktop.gui.models_page import ModelsWindow
 
         if self._models_window is None:
@@ -610,7 +621,7 @@ class MainWindow(QMainWindow):
         self._models_window.raise_()
         return self._models_window
 
-    def show_settings(self) -> Any:
+    def show_settings(self) -> SettingsDialog:
         from owl_desktop.gui.settings_dialog import SettingsDialog
 
         dialog = SettingsDialog(self.services.settings, self)
@@ -619,7 +630,7 @@ class MainWindow(QMainWindow):
         dialog.open()
         return dialog
 
-    def apply_settings(self, new: Any) -> None:
+    def apply_settings(self, new: Settings) -> None:
         old = self.services.settings
         engine_changed = old.engine != new.engine
         for name in ("theme", "system_prompt", "send_on_enter", "data_dir", "sampling", "engine"):

@@ -9,6 +9,7 @@ from PySide6.QtCore import QObject, Signal
 
 from owl_desktop.gui.format import RateMeter, progress_line
 from owl_desktop.gui.workers import TaskHandle, TaskRunner
+from owl_desktop.hub.manager import ModelManager
 from owl_desktop.tasks import Progress, Task
 
 DEMO_KEY = "demo"
@@ -44,7 +45,7 @@ class ModelController(QObject):
     job_failed = Signal(str, str)  # key, message
     job_cancelled = Signal(str)
 
-    def __init__(self, manager: Any, runner: TaskRunner, parent: QObject | None = None) -> None:
+    def __init__(self, manager: ModelManager, runner: TaskRunner, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.manager = manager
         self.runner = runner

@@ -47,8 +47,10 @@ def _wait(app: object, condition: object, timeout_s: float) -> bool:
 def _run(screenshot: Path | None) -> int:
 
     from owl_desktop.devtools.demo import ensure_demo_bundle
-    from owl_desktop.gui.app import apply_theme, build_services, create_application
+    from owl_desktop.gui.app import create_application
     from owl_desktop.gui.main_window import MainWindow
+    from owl_desktop.gui.services import build_services
+    from owl_desktop.gui.theme import apply_theme
 
     t0 = time.monotonic()
     app = create_application([sys.argv[0]])

@@ -21,8 +21,8 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
 )
 
-from owl_desktop.gui.app import colors, theme_bus
 from owl_desktop.gui.icons import icon, render
+from owl_desktop.gui.theme import colors, theme_bus
 
 ID_ROLE = Qt.ItemDataRole.UserRole
 

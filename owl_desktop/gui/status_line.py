@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QProgressBar
 
-from owl_desktop.gui.chat_view import record_summary
+from owl_desktop.gui.format import answer_speed
+
+if TYPE_CHECKING:
+    from owl_desktop.engine.pipeline import AnswerRecord
 
 
 class StatusLine(QFrame):
@@ -56,13 +59,12 @@ class StatusLine(QFrame):
                 self.busy.setRange(0, 1000)
                 self.busy.setValue(int(fraction * 1000))
 
-    def set_record(self, record: Any) -> None:
+    def set_record(self, record: AnswerRecord | None) -> None:
         if record is None:
             return
-        summary = record_summary(record)
-        self.speed.setText(" · ".join(p for p in summary.split(" · ") if "tok/s" in p or "first token" in p))
-        used = getattr(record, "context_used", 0) or 0
-        size = getattr(record, "context_size", 0) or 0
+        self.speed.setText(answer_speed(record))
+        used = record.context_used
+        size = record.context_size
         if size:
             self.context.setVisible(True)
             self.context.setRange(0, size)

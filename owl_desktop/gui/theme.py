@@ -1,11 +1,16 @@
-"""Colours and the style sheet of the light and dark themes."""
+"""The light and dark themes (colours, palette, style sheet) and the one theme in force.
+
+`apply_theme()` sets the theme for the whole app; widgets read `colors()` when they draw, and re-tint their icons
+when `theme_bus().changed` fires.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtGui import QColor, QGuiApplication, QPalette
+from PySide6.QtWidgets import QApplication
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,45 @@ DARK = Colors(
     hover="#232731",
     selection="#2a3152",
 )
+
+
+class ThemeBus(QObject):
+    """Holds the colours in force and tells widgets when they change, so they can re-tint their icons."""
+
+    changed = Signal(object)  # Colors
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.colors: Colors = LIGHT
+
+
+_bus: ThemeBus | None = None
+
+
+def theme_bus() -> ThemeBus:
+    """The one bus (made on first use, on the GUI thread)."""
+    global _bus
+    if _bus is None:
+        _bus = ThemeBus()
+    return _bus
+
+
+def colors() -> Colors:
+    """The colours of the theme in force (light until a theme is applied)."""
+    return theme_bus().colors
+
+
+def apply_theme(name: str, app: QApplication | None = None) -> Colors:
+    """Apply 'system' | 'light' | 'dark' to the whole app and tell every widget."""
+    qapp = app or QApplication.instance()
+    c = resolve(name)
+    if isinstance(qapp, QApplication):
+        qapp.setPalette(palette(c))
+        qapp.setStyleSheet(stylesheet(c))
+    bus = theme_bus()
+    bus.colors = c
+    bus.changed.emit(c)
+    return c
 
 
 def resolve(theme: str) -> Colors:

@@ -9,13 +9,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QObject, QRunnable, Qt, QThread, QThreadPool, Signal, Slot
 
+from owl_desktop.app.chat_service import ChatEvent, ChatService, Failed, Finished, Piece, Started
 from owl_desktop.errors import Cancelled, OwlError
 from owl_desktop.logs import see_the_log
 from owl_desktop.tasks import CancelToken, Progress, Task
+
+ImageSource = tuple[Path | bytes, str]  # a file or encoded bytes (a paste), and the name to keep for it
 
 
 def user_message(exc: BaseException) -> str:
@@ -31,7 +35,12 @@ def user_message(exc: BaseException) -> str:
 
 
 class EngineWorker(QObject):
-    """Owns the ChatService's use of the model. Lives on the engine thread; every slot runs there."""
+    """Owns the ChatService's use of the model. Lives on the engine thread; every slot runs there.
+
+    Each request (load, ask, regenerate, edit_and_resend) ends with exactly one `idle`. `stop()` is the one method
+    meant for other threads: it ends the load or answer in progress, then emits `stop_requested` on the calling
+    thread, so a direct connection to it runs with the stop already in force.
+    """
 
     model_loading = Signal(str)  # model ref
     model_loaded = Signal(str, str)  # model id, device description
@@ -43,22 +52,21 @@ class EngineWorker(QObject):
     finished = Signal(object, object, object)  # conversation id, message, record
     failed = Signal(object, str, bool)  # conversation id, message, whether the question was stored
     idle = Signal()  # the current request is over, whatever the outcome
+    stop_requested = Signal()  # stop() was called (emitted on the thread that called it, after the stop took effect)
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: ChatService) -> None:
         super().__init__()
         self._service = service
         self._load_cancel = CancelToken()
-        self.stopping = threading.Event()  # set by stop() until the next request begins (any thread may wait on it)
 
     @property
-    def service(self) -> Any:
+    def service(self) -> ChatService:
         return self._service
 
     # ----------------------------------------------------------- model
 
     @Slot(str)
     def load(self, ref: str) -> None:
-        self.stopping.clear()
         self._load_cancel = CancelToken()
         self.model_loading.emit(ref)
         task = Task(progress=self.progress.emit, cancel=self._load_cancel)
@@ -69,9 +77,7 @@ class EngineWorker(QObject):
         except Exception as exc:  # noqa: BLE001 - every failure becomes a message in the window
             self.model_failed.emit(user_message(exc))
         else:
-            model_id = str(getattr(self._service, "loaded_model_id", None) or ref)
-            device = str(getattr(self._service, "device_description", "") or "")
-            self.model_loaded.emit(model_id, device)
+            self.model_loaded.emit(self._service.loaded_model_id or ref, self._service.device_description)
         finally:
             self.idle.emit()
 
@@ -85,10 +91,10 @@ class EngineWorker(QObject):
     # ----------------------------------------------------------- chat
 
     @Slot(object, str, list)
-    def ask(self, conv_id: Any, text: str, sources: list) -> None:
-        """`sources`: (path or bytes, name) pairs; they go into the image store with their names kept."""
+    def ask(self, conv_id: str, text: str, sources: list[ImageSource]) -> None:
+        """`sources` go into the image store with their names kept, then the question is asked about them."""
 
-        def events() -> Iterable[Any]:
+        def events() -> Iterable[ChatEvent]:
             try:
                 stored = [self._service.images.add(src, name) for src, name in sources]
             except Exception as exc:  # noqa: BLE001 - e.g. ImageError: nothing was stored, the question returns
@@ -99,33 +105,31 @@ class EngineWorker(QObject):
         self._run(conv_id, events)
 
     @Slot(object)
-    def regenerate(self, conv_id: Any) -> None:
+    def regenerate(self, conv_id: str) -> None:
         self._run(conv_id, lambda: self._service.regenerate(conv_id))
 
     @Slot(object, object, str)
-    def edit_and_resend(self, conv_id: Any, user_msg_id: Any, text: str) -> None:
+    def edit_and_resend(self, conv_id: str, user_msg_id: int, text: str) -> None:
         self._run(conv_id, lambda: self._service.edit_and_resend(conv_id, user_msg_id, text))
 
     def stop(self) -> None:
         """Thread-safe: called directly from the GUI thread while a slot runs here."""
         self._load_cancel.cancel()
         self._service.stop()
-        self.stopping.set()  # after the service knows: whoever waits on it sees a stop already in force
+        self.stop_requested.emit()  # after the service knows: a direct connection sees a stop already in force
 
-    def _run(self, conv_id: Any, events: Callable[[], Iterable[Any]]) -> None:
-        self.stopping.clear()
+    def _run(self, conv_id: str, events: Callable[[], Iterable[ChatEvent]]) -> None:
         try:
             for event in events():
-                kind = type(event).__name__
-                if kind == "Piece":
-                    self.piece.emit(event.text)
-                elif kind == "Started":
-                    self.started.emit(conv_id, event.user_msg, event.assistant_msg)
-                elif kind == "Finished":
-                    self.finished.emit(conv_id, event.message, getattr(event, "record", None))
-                elif kind == "Failed":
-                    stored = getattr(event, "user_msg", None) is not None
-                    self.failed.emit(conv_id, str(event.message), stored)
+                match event:
+                    case Piece(text):
+                        self.piece.emit(text)
+                    case Started(user_msg, assistant_msg):
+                        self.started.emit(conv_id, user_msg, assistant_msg)
+                    case Finished(message, record):
+                        self.finished.emit(conv_id, message, record)
+                    case Failed(message, user_msg):
+                        self.failed.emit(conv_id, message, user_msg is not None)
         except Exception as exc:  # noqa: BLE001 - a failure is a message, never a traceback
             self.failed.emit(conv_id, user_message(exc), False)
         finally:
@@ -141,7 +145,7 @@ class EngineHost(QObject):
     edit_requested = Signal(object, object, str)
     unload_requested = Signal()
 
-    def __init__(self, service: Any, parent: QObject | None = None) -> None:
+    def __init__(self, service: ChatService, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.thread = QThread()
         self.thread.setObjectName("owl-engine")
@@ -167,15 +171,15 @@ class EngineHost(QObject):
         self._pending += 1
         self.load_requested.emit(ref)
 
-    def ask(self, conv_id: Any, text: str, sources: list) -> None:
+    def ask(self, conv_id: str, text: str, sources: list[ImageSource]) -> None:
         self._pending += 1
         self.ask_requested.emit(conv_id, text, sources)
 
-    def regenerate(self, conv_id: Any) -> None:
+    def regenerate(self, conv_id: str) -> None:
         self._pending += 1
         self.regenerate_requested.emit(conv_id)
 
-    def edit_and_resend(self, conv_id: Any, user_msg_id: Any, text: str) -> None:
+    def edit_and_resend(self, conv_id: str, user_msg_id: int, text: str) -> None:
         self._pending += 1
         self.edit_requested.emit(conv_id, user_msg_id, text)
 
@@ -193,8 +197,7 @@ class EngineHost(QObject):
             self.thread.quit()  # the event loop ends once the current request returns
             ended = bool(self.thread.wait(timeout_ms))
         if ended:
-            close = getattr(self.worker.service, "close", None) or self.worker.service.unload
-            close()  # the engine thread is gone: free the model here
+            self.worker.service.close()  # the engine thread is gone: free the model here
         return ended
 
 
