@@ -15,7 +15,6 @@ import re
 import warnings
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps
 
 from owl_desktop.errors import ImageError
@@ -121,6 +120,8 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
     Pillow's own convert("L") clips these to 0..255, which turns most 16-bit images white. 16-bit modes use
     0..65535. For "I" and "F" the nominal range is guessed: 0..1 (float only), 0..255, 0..65535, else min..max.
     """
+    import numpy as np  # here, not at the top: the store imports this module, and the window starts without numpy
+
     a = np.asarray(img, dtype=np.float64)
     if img.mode.startswith("I;16"):
         scale_max = 65535.0

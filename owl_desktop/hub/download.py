@@ -22,9 +22,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import httpx2
+from typing import TYPE_CHECKING, Any
 
 from owl_desktop.atomic import write_json_atomic
 from owl_desktop.errors import Cancelled, DownloadError
@@ -35,6 +33,9 @@ from owl_desktop.hub.remote import ContentHash, RemoteFile
 from owl_desktop.hub.retry import RetryPolicy, classify, sleep_or_cancel
 from owl_desktop.hub.settings import HubSettings, origin_of
 from owl_desktop.tasks import Task
+
+if TYPE_CHECKING:
+    import httpx2  # imported where a download runs: the app's window starts without the HTTP stack
 
 PART_SUFFIX = ".part"
 META_SUFFIX = ".part.json"
@@ -136,6 +137,8 @@ def download_file(
     meter: TransferMeter,
 ) -> Path:
     """Fetch `remote` to `dest` (resuming `dest.part`), verify it and give it its final name; returns `dest`."""
+    import httpx2
+
     digest = ContentHash(remote)
     part = _Partial(partial_path(dest), digest)
     _adopt_or_discard(dest, repo_id, commit, remote, digest)
@@ -206,6 +209,7 @@ def _attempt(
     task: Task,
     meter: TransferMeter,
 ) -> None:
+    import httpx2
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 

@@ -7,17 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx2
-from huggingface_hub.errors import (
-    FileMetadataError,
-    GatedRepoError,
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
 from owl_desktop.errors import DownloadError
 from owl_desktop.hub.settings import HubSettings, offline_message
 from owl_desktop.tasks import Task
@@ -48,6 +37,18 @@ class Problem:
 
 
 def classify(exc: BaseException, settings: HubSettings, repo_id: str, filename: str | None = None) -> Problem:
+    # imported here, where a request has failed: the app's window starts without the HTTP stack
+    import httpx2
+    from huggingface_hub.errors import (
+        FileMetadataError,
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     where = f"{filename} of {repo_id}" if filename else repo_id
     if isinstance(exc, OfflineModeIsEnabled):
         return Problem(False, offline_message(f"download {repo_id}"))
