@@ -26,6 +26,7 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 from owl_desktop import paths  # noqa: E402
 from owl_desktop.devtools.demo import DEMO_BUNDLE_ID, ensure_demo_bundle  # noqa: E402
 from owl_desktop.devtools.tiny_checkpoint import make_checkpoint  # noqa: E402
+from owl_desktop.gui.app import show_main_window  # noqa: E402
 from owl_desktop.gui.chat_view import Thumbnail  # noqa: E402
 from owl_desktop.gui.dnd import simulate_drop  # noqa: E402
 from owl_desktop.gui.main_window import MainWindow, State  # noqa: E402
@@ -710,3 +711,18 @@ def test_open_with_attaches_the_images_to_a_new_chat(qtbot, make_window, picture
     assert window.current_id is None
     assert [i.name for i in window.composer.strip.images()] == [pictures[0].name, pictures[1].name]
     assert refused and "notes.txt" in refused[0]
+
+
+def test_start_up_shows_the_window_then_starts_its_work(qtbot, demo_bundle, pictures) -> None:  # noqa: ANN001
+    """`owl-desktop` short of its event loop: the window is shown first; loading the last model (which imports torch
+    and llama.cpp) and attaching the images it was opened with wait until the window has been painted."""
+    link = paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID
+    link.symlink_to(demo_bundle, target_is_directory=True)
+    window = show_main_window(QApplication.instance(), pictures)
+    qtbot.addWidget(window)
+    assert window.isVisible()
+    assert window.state is State.NO_MODEL and window.composer.images() == [], "nothing started before the paint"
+    qtbot.waitExposed(window)
+    qtbot.waitUntil(lambda: window.state is State.READY, timeout=ANSWER_MS)
+    assert window.services.chat.loaded_model_id == DEMO_BUNDLE_ID
+    assert [i.name for i in window.composer.images()] == [p.name for p in pictures]

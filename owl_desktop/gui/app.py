@@ -1,13 +1,19 @@
-"""Start the desktop app: the QApplication, the services, the theme, the main window, the event loop."""
+"""Start the desktop app: the QApplication, the services, the theme, the main window, the event loop.
+
+Start-up is built to show the window fast: nothing here or in the window's modules imports torch, llama.cpp or the
+hub's HTTP client (tests/test_startup.py checks it). The window starts its work (listing the conversations, loading
+the last model on the engine thread, which is what imports the engine) only once it has been painted.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer
 from PySide6.QtGui import QFont, QGuiApplication
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QWidget
 
 from owl_desktop.gui.icons import app_icon
 from owl_desktop.gui.main_window import MainWindow
@@ -15,6 +21,7 @@ from owl_desktop.gui.services import build_services
 from owl_desktop.gui.theme import apply_theme
 
 APP_DISPLAY_NAME = "Owl"
+FIRST_PAINT_WAIT_MS = 1000  # start anyway when a window is not painted by then (e.g. mapped on a hidden desktop)
 
 
 def create_application(argv: list[str] | None = None) -> QApplication:
@@ -37,14 +44,45 @@ def create_application(argv: list[str] | None = None) -> QApplication:
     return app
 
 
-def run(argv: list[str] | None = None, open_files: list[Path] | None = None) -> int:
-    """Open the main window (with `open_files` attached to a new chat) and run the event loop until it closes."""
-    app = create_application(argv)
+class _AfterFirstPaint(QObject):
+    """Calls `then` once, on the event loop's next turn after the widget's first paint (or after a time limit)."""
+
+    def __init__(self, widget: QWidget, then: Callable[[], None]) -> None:
+        super().__init__(widget)
+        self._then: Callable[[], None] | None = then
+        widget.installEventFilter(self)
+        QTimer.singleShot(FIRST_PAINT_WAIT_MS, self, self._fire)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt override
+        if event.type() == QEvent.Type.Paint and self._then is not None:
+            QTimer.singleShot(0, self, self._fire)  # the whole window is painted and shown by then
+        return False
+
+    def _fire(self) -> None:
+        then, self._then = self._then, None
+        if then is not None:
+            self.parent().removeEventFilter(self)
+            then()
+
+
+def show_main_window(app: QApplication, open_files: list[Path] | None = None) -> MainWindow:
+    """The app's start-up, short of the event loop: the window is shown now and starts its work once painted."""
     services = build_services()
     apply_theme(services.settings.theme, app)
     window = MainWindow(services)
+
+    def start() -> None:
+        window.start()
+        if open_files:
+            window.open_files(open_files)
+
+    _AfterFirstPaint(window, start)
     window.show()
-    window.start()
-    if open_files:
-        window.open_files(open_files)
+    return window
+
+
+def run(argv: list[str] | None = None, open_files: list[Path] | None = None) -> int:
+    """Open the main window (with `open_files` attached to a new chat) and run the event loop until it closes."""
+    app = create_application(argv)
+    window = show_main_window(app, open_files)  # noqa: F841 - the window lives as long as the event loop runs
     return int(app.exec())
