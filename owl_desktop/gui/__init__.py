@@ -1,4 +1,4 @@
-"""The desktop app (PySide6). The only package that imports Qt; it reaches the rest through owl_desktop.app."""
+"""The desktop app (PySide6). The only package that imports Qt; gui/services.py builds what it works with."""
 
 from __future__ import annotations
 

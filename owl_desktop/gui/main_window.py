@@ -39,7 +39,7 @@ from owl_desktop.gui.sidebar import Sidebar
 from owl_desktop.gui.status_line import StatusLine
 from owl_desktop.gui.theme import apply_theme, colors, theme_bus
 from owl_desktop.gui.welcome import WelcomePage
-from owl_desktop.gui.workers import EngineHost, TaskRunner, user_message
+from owl_desktop.gui.workers import EngineHost, ImageSource, TaskRunner, user_message
 from owl_desktop.store.conversations import Conversation, Message
 from owl_desktop.tasks import Progress
 
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
     from owl_desktop.engine.pipeline import AnswerRecord
     from owl_desktop.gui.models_page import ModelsWindow
     from owl_desktop.gui.settings_dialog import SettingsDialog
-
-Submission = tuple[str, list[tuple[Path | bytes, str]]]  # question, (image source, name) pairs
 
 
 class State(Enum):
@@ -105,7 +103,7 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
         self.state = State.NO_MODEL
         self.current_id: str | None = None
-        self._pending_submission: Submission | None = None
+        self._pending_submission: tuple[str, list[ImageSource]] | None = None  # asked while the model loads
         self._pending_images: list[PendingImage] = []
         self._last_submission: tuple[str, list[PendingImage]] | None = None
         self._models_window: ModelsWindow | None = None
@@ -459,7 +457,7 @@ class MainWindow(QMainWindow):
             return
         self._ask(text, sources)
 
-    def _ask(self, text: str, sources: list[tuple[Path | bytes, str]]) -> None:
+    def _ask(self, text: str, sources: list[ImageSource]) -> None:
         if self.current_id is None:
             try:
                 conv = self.services.store.create()
@@ -577,7 +575,7 @@ class MainWindow(QMainWindow):
             viewer.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
             viewer.open()
 
-    def _open_pending_images(self, entries: list[tuple[Path | bytes, str]], index: int) -> None:
+    def _open_pending_images(self, entries: list[ImageSource], index: int) -> None:
         import tempfile
 
         shown = []
