@@ -713,15 +713,16 @@ def test_open_with_attaches_the_images_to_a_new_chat(qtbot, make_window, picture
     assert refused and "notes.txt" in refused[0]
 
 
-def test_start_up_shows_the_window_then_starts_its_work(qtbot, demo_bundle, pictures) -> None:  # noqa: ANN001
-    """`owl-desktop` short of its event loop: the window is shown first; loading the last model (which imports torch
-    and llama.cpp) and attaching the images it was opened with wait until the window has been painted."""
+def test_start_up_shows_the_window_then_loads_the_model(qtbot, demo_bundle, pictures) -> None:  # noqa: ANN001
+    """`owl-desktop IMAGE...` short of its event loop: the window is shown on its chat page with the images attached,
+    and loading the model (which imports torch and llama.cpp) waits until the window has been painted."""
     link = paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID
     link.symlink_to(demo_bundle, target_is_directory=True)
     window = show_main_window(QApplication.instance(), pictures)
     qtbot.addWidget(window)
-    assert window.isVisible()
-    assert window.state is State.NO_MODEL and window.composer.images() == [], "nothing started before the paint"
+    assert window.isVisible() and window.pages.currentWidget() is window.chat_page
+    assert [i.name for i in window.composer.images()] == [p.name for p in pictures]
+    assert window.state is State.NO_MODEL and not window.engine.busy, "nothing was sent to the engine before the paint"
     qtbot.waitExposed(window)
     qtbot.waitUntil(lambda: window.state is State.READY, timeout=ANSWER_MS)
     assert window.services.chat.loaded_model_id == DEMO_BUNDLE_ID

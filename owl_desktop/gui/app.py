@@ -1,8 +1,8 @@
 """Start the desktop app: the QApplication, the services, the theme, the main window, the event loop.
 
 Start-up is built to show the window fast: nothing here or in the window's modules imports torch, llama.cpp or the
-hub's HTTP client (tests/test_startup.py checks it). The window starts its work (listing the conversations, loading
-the last model on the engine thread, which is what imports the engine) only once it has been painted.
+hub's HTTP client (tests/test_startup.py checks it). The window is painted with its conversations and the page it
+starts on, and only then starts its work on other threads (loading the last model, which imports the engine).
 """
 
 from __future__ import annotations
@@ -66,17 +66,15 @@ class _AfterFirstPaint(QObject):
 
 
 def show_main_window(app: QApplication, open_files: list[Path] | None = None) -> MainWindow:
-    """The app's start-up, short of the event loop: the window is shown now and starts its work once painted."""
+    """The app's start-up, short of the event loop: the window is shown with its start page (and `open_files`
+    attached to a new chat); its work on other threads starts once it has been painted."""
     services = build_services()
     apply_theme(services.settings.theme, app)
     window = MainWindow(services)
-
-    def start() -> None:
-        window.start()
-        if open_files:
-            window.open_files(open_files)
-
-    _AfterFirstPaint(window, start)
+    window.show_start_page()
+    if open_files:
+        window.open_files(open_files)
+    _AfterFirstPaint(window, window.start_background_work)
     window.show()
     return window
 

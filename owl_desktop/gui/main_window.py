@@ -107,6 +107,7 @@ class MainWindow(QMainWindow):
         self._pending_images: list[PendingImage] = []
         self._last_submission: tuple[str, list[PendingImage]] | None = None
         self._models_window: ModelsWindow | None = None
+        self._start_model: str | None = None  # what start_background_work loads
         self._closing = False
 
         self.engine = EngineHost(services.chat, self)
@@ -235,18 +236,33 @@ class MainWindow(QMainWindow):
 
     def start(self) -> None:
         """Show the conversations and load the last model (or offer one on the welcome page)."""
+        self.show_start_page()
+        self.start_background_work()
+
+    def show_start_page(self) -> None:
+        """What the window shows first: the conversations (the latest one open) and the chat page when a model is
+        installed, else the welcome page. Quick, and nothing starts on another thread yet."""
         self.refresh_conversations()
         ids = self.models.installed_ids() or [m.id for m in self._installed_from_service()]
         last = self.services.settings.last_model_id
-        if ids:
+        self._start_model = (last if last in ids else ids[0]) if ids else None
+        if self._start_model is not None:
             self.pages.setCurrentWidget(self.chat_page)
-            self.load_model(last if last in ids else ids[0])
         else:
-            self.show_welcome()
+            self.pages.setCurrentWidget(self.welcome)
+            self.welcome.show_default_model()
         conversations = self.services.store.list()
         if conversations:
             self.open_conversation(conversations[0].id)
         self.composer.edit.setFocus()
+
+    def start_background_work(self) -> None:
+        """After show_start_page: load the model chosen there on the engine thread (this imports the engine), or
+        check on the pool how the welcome page's model would fit this computer."""
+        if self._start_model is not None:
+            self.load_model(self._start_model)
+        elif self.pages.currentWidget() is self.welcome:
+            self.welcome.check_fit()
 
     def _installed_from_service(self) -> list[Any]:
         try:

@@ -233,6 +233,12 @@ class WelcomePage(QScrollArea):
     # ------------------------------------------------------------ default model
 
     def refresh(self) -> None:
+        """Show the default model's card, then check how it would fit this computer."""
+        self.show_default_model()
+        self.check_fit()
+
+    def show_default_model(self) -> None:
+        """The default model's card as far as the catalog and the downloads folder tell (quick, on this thread)."""
         catalog = self.models.catalog()
         self._entry = next((e for e in catalog if entry_field(e, "default", "recommended")), None) or (
             catalog[0] if catalog else None
@@ -251,6 +257,13 @@ class WelcomePage(QScrollArea):
             card.set_running(True)
         elif not self._show_partial():
             card.reset()
+
+    def check_fit(self) -> None:
+        """Whether the default model fits this computer, estimated on the pool; the card's badge shows it."""
+        if self._entry is None:
+            return
+        card = self.download_card
+        size = entry_field(self._entry, "download_bytes", "size_bytes", "size")
         handle = self.models.preflight(self._entry)
         handle.succeeded.connect(self._on_preflight)
         handle.failed.connect(lambda _m: card.set_badges([(f"{fmt.size(size)} download", "info")]))
