@@ -520,11 +520,14 @@ class MainWindow(QMainWindow):
         if conv_id != self.current_id:
             return
         try:
-            # an edited question shows its new text, though the store changes it only at the first token
+            # The conversation up to the question, then the new answer. A regenerated or edited question's old
+            # answer leaves the store only at the new answer's first token, which the engine thread may or may not
+            # have reached by now: it is not shown either way (a Stop before that token finishes with it again).
+            # An edited question shows its new text, though the store too changes it only at that token.
             messages = [
                 user_msg if m.id == user_msg.id else m
                 for m in self.services.store.messages(conv_id)
-                if m.id != assistant_msg.id
+                if m.seq <= user_msg.seq
             ]
         except Exception:  # noqa: BLE001
             messages = []
