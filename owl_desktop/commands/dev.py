@@ -9,7 +9,7 @@ from typing import Any
 
 # Kept in sync with owl_desktop.devtools.tiny_checkpoint (not imported here: torch loads only when a command runs).
 _VARIANTS = ("bin", "sharded", "safetensors", "sharded-safetensors", "lora")
-_PRESETS = ("tiny", "bench", "7b")  # devtools.tiny_checkpoint.PRESETS, without importing torch for --help
+_PRESETS = ("tiny", "slow", "bench", "7b")  # devtools.tiny_checkpoint.PRESETS, without importing torch for --help
 
 
 def register(sub: Any) -> None:
@@ -28,7 +28,8 @@ def register(sub: Any) -> None:
         "--preset",
         choices=_PRESETS,
         default="tiny",
-        help="model size: tiny (tests), bench (~3 GB) or 7b (mPLUG-Owl-7B's shapes, ~13.7 GB)",
+        help="model size: tiny (tests), slow (tests of Stop, ~110 MB), bench (~3 GB) or 7b (mPLUG-Owl-7B's shapes, "
+        "~13.7 GB)",
     )
     make.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     make.set_defaults(func=_make_checkpoint)

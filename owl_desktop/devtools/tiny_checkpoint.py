@@ -177,6 +177,9 @@ def _preset(
 PRESETS: dict[str, Preset] = {
     # For tests: ~2.0 M parameters, ~4 MB, builds in well under a second.
     "tiny": _preset("tiny", vision=(64, 128, 2, 4), abstractor=(2, 4, 96), text=(256, 512, 2, 4)),
+    # For tests of Stop: ~54 M parameters (~110 MB), so that encoding two dozen images or prefilling 1,800 tokens
+    # takes seconds on a CPU (long enough to be stopped in the middle), while the checkpoint still builds in seconds.
+    "slow": _preset("slow", vision=(256, 1024, 16, 4), abstractor=(2, 4, 768), text=(512, 1408, 12, 8)),
     # For the conversion memory benchmark: ~1.5 B parameters, ~3 GB in bf16. Real ViT-L/14 and abstractor sizes.
     "bench": _preset("bench", vision=(1024, 4096, 24, 16), abstractor=(6, 16, 2816), text=(2048, 5504, 22, 16)),
     # For the real-size benchmarks: mPLUG-Owl-llama-7b's shapes (ViT-L/14, the abstractor, LLaMA-7B: 4096 wide,
