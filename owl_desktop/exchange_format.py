@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -197,8 +198,13 @@ class _Source:
             info = self._members.get(str(_check_relative(rel, self.path.name)))
             if info is None:
                 raise ExchangeError(f"{self.path.name}: {rel} is missing from the archive")
-            with self._zip.open(info) as f:
-                data = f.read(MAX_FILE_BYTES + 1)  # bounded, whatever the header claims
+            try:
+                with self._zip.open(info) as f:
+                    # bounded by the declared size (checked at open), whatever the stream really unpacks to
+                    data = f.read(min(info.file_size, MAX_FILE_BYTES) + 1)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+                # e.g. a member that unpacks to more than its header says: reading stops there, its CRC fails
+                raise ExchangeError(f"{self.path.name}: {rel} is damaged in the archive ({exc})") from exc
             if len(data) > MAX_FILE_BYTES:
                 raise ExchangeError(f"{self.path.name}: {rel} is larger than an export's file can be")
             return data
