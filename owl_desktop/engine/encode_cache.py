@@ -62,7 +62,7 @@ class EncodeCache:
             try:
                 rows = np.load(f, allow_pickle=False)
                 os.utime(f)  # recently used: pruned last
-            except (OSError, ValueError):
+            except (OSError, ValueError, EOFError):  # missing or damaged (np.load of an empty file: EOFError)
                 return None
             self._remember(sha, rows)
         return rows
