@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from hostile import zip_bomb
 from PIL import Image
 
 from owl_desktop import bundle as bundle_mod
@@ -343,11 +344,7 @@ def test_cli_ask_reads_the_apps_zip_export_with_its_system_prompt(
     default_system.read()
     assert default_system.record.context_used != expected.record.context_used  # the export's prompt was used
 
-    bomb = tmp_path / "bomb.owlchat.zip"
-    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("conversation.json", json.dumps([{"images": ["images/x.png"], "question": "q", "answer": "a"}]))
-        zf.writestr("images/x.png", b"\0" * (64 << 20))
-    args[args.index(str(archive))] = str(bomb)
+    args[args.index(str(archive))] = str(zip_bomb(tmp_path / "bomb.owlchat.zip"))  # 1 GiB of zeros in 1 MB
     assert cli_main(args) == 1
     assert "unsafe" in capsys.readouterr().err
 

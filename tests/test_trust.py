@@ -210,12 +210,13 @@ def test_stop_texts_end_the_answer_before_them(tiny: dict[str, Path], tiny_pipe:
     cut = full.index(stop)
     assert cut > 0 and full[:cut].strip()
 
+    never = full[-2:] + "\u2603 never written"  # the answer ends with its beginning: held back, then let go
     stats = GenerationStats()
-    pieces = list(tiny_pipe.llm.generate(segments, greedy, stats, stop_texts=["\u2603 never written", stop]))
+    pieces = list(tiny_pipe.llm.generate(segments, greedy, stats, stop_texts=[never, stop]))
     assert "".join(pieces) == full[:cut].rstrip() and stats.stop_reason == "stop"
-    # a stop text that never comes holds nothing back
+    # a stop text that never comes holds nothing back for good
     absent = GenerationStats()
-    assert "".join(tiny_pipe.llm.generate(segments, greedy, absent, stop_texts=["\u2603 never written"])) == full
+    assert "".join(tiny_pipe.llm.generate(segments, greedy, absent, stop_texts=[never])) == full
     assert absent.stop_reason == plain.stop_reason
 
 
