@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import pytest
 from hostile import link_folder, link_zip, lying_zip_bomb, traversal_folder, traversal_zip, zip_bomb
 from PIL import Image
 from scripted_model import Vocab, make_scripted_bundle
-from test_app_chat import make_settings
+from test_app_chat import make_settings, run
 
 from owl_desktop import bundle as bundle_mod
 from owl_desktop.app.chat_service import ChatEvent, ChatService, Failed, Finished, Piece, Started
@@ -55,14 +55,6 @@ def _png(path: Path, seed: int, size: tuple[int, int] = (96, 80)) -> Path:
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
-
-
-def run(events: Iterable[ChatEvent]) -> list[ChatEvent]:
-    return list(events)
-
-
-def text_of(events: Iterable[ChatEvent]) -> str:
-    return "".join(e.text for e in events if isinstance(e, Piece))
 
 
 @dataclass
@@ -154,7 +146,7 @@ class StopLater:
 
 
 def _stopped_answer(svc: ChatService, conv_id: str, question: str, images: list[Path], delay: float) -> float:
-    """Ask, Stop `delay` s after the question is stored; checks the answer ended empty and stopped; the latency."""
+    """Ask, Stop `delay` s after the question is stored, check the answer ended empty and stopped; the latency."""
     stopper = StopLater(svc.stop, delay)
     events = []
     for ev in svc.ask(conv_id, question, images):
@@ -416,26 +408,32 @@ for event in service.ask(conversation.id, "Count for me, slowly.", []):
 """
 
 
-def test_an_answer_cut_by_kill_9_is_kept_and_marked_interrupted(counting: Scripted) -> None:
-    app = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_APP, str(counting.bundle)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+def test_an_answer_cut_by_kill_9_is_kept_and_marked_interrupted(counting: Scripted, tmp_path: Path) -> None:
+    errors = tmp_path / "app-stderr.txt"
+    with errors.open("wb") as err:
+        app = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_APP, str(counting.bundle)], stdout=subprocess.PIPE, stderr=err
+        )
+    watchdog = threading.Timer(180, app.kill)  # a hung child must not hang the test run
+    watchdog.start()
     store = ConversationStore()
     try:
         assert app.stdout is not None
         line = app.stdout.readline()
-        assert line, app.communicate(timeout=30)[1].decode()
+        assert line, errors.read_text(errors="replace")
         answer_id = int(line)
-        deadline = time.monotonic() + 60
         while not store.message(answer_id).text:  # the first periodic save of the partial answer
-            assert app.poll() is None and time.monotonic() < deadline
+            assert app.poll() is None, errors.read_text(errors="replace")
             time.sleep(0.05)
         os.kill(app.pid, signal.SIGKILL)
         assert app.wait(timeout=30) == -signal.SIGKILL
     finally:
+        watchdog.cancel()
         if app.poll() is None:
             app.kill()
-            app.wait()
+        app.wait()
+        assert app.stdout is not None
+        app.stdout.close()
     left = store.message(answer_id)
     assert left.meta["state"] == "streaming" and not left.stopped  # as the dead process left it
     store.close()
