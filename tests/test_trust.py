@@ -305,6 +305,16 @@ def test_a_stop_before_generation_begins_is_not_lost(tiny_pipe: ChatPipeline) ->
     assert answer.read() and answer.record.stop_reason in ("length", "eos")
 
 
+def test_a_stop_before_the_use_case_runs_is_not_lost(service: ChatService) -> None:
+    conv = service.store.create()
+    events = service.ask(conv.id, "Hello?")  # asked for (e.g. queued to the engine thread), not running yet
+    service.stop()
+    finished = [e for e in events if isinstance(e, Finished)]
+    assert finished and finished[0].message.stopped and finished[0].record.token_ids == []
+    again = [e for e in service.ask(conv.id, "Hello again?") if isinstance(e, Finished)]
+    assert again and not again[0].message.stopped  # an old Stop does not reach a later question
+
+
 # ---------------------------------------------------------------------------------------------------- nothing lost
 
 

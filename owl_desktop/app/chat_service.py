@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -109,7 +110,9 @@ class ChatService:
         self._clock = clock
         self._pipeline: ChatPipeline | None = None
         self._busy = threading.Lock()  # one answer (or model load) at a time
-        self._cancel = CancelToken()  # the current use case's; stop() fires it, whatever stage the answer is in
+        self._cancel = CancelToken()  # the running use case's; stop() fires it, whatever stage the answer is in
+        # every use case asked for and not yet over (a Stop must also reach one that has not started running)
+        self._live: weakref.WeakSet[CancelToken] = weakref.WeakSet()
         interrupted = store.mark_interrupted()
         if interrupted:
             log.warning("%d answer(s) were interrupted by the end of an earlier run; marked as such", len(interrupted))
@@ -188,7 +191,10 @@ class ChatService:
 
     def stop(self) -> None:
         """End the answer being written (thread-safe): reading images, encoding, prefilling or generating all stop
-        within a few hundred milliseconds; what was written is kept."""
+        within a few hundred milliseconds; what was written is kept. A use case asked for but not yet running is
+        stopped too."""
+        for token in list(self._live):
+            token.cancel()
         self._cancel.cancel()
         pipe = self._pipeline
         if pipe is not None:
@@ -200,22 +206,29 @@ class ChatService:
 
     def ask(self, conv_id: str, text: str, image_sources: Sequence[ImageInput] = ()) -> Iterator[ChatEvent]:
         """Store the images and the question, then stream the answer."""
-        return self._exclusive(lambda: self._ask(conv_id, text, image_sources))
+        return self._exclusive(self._token(), lambda: self._ask(conv_id, text, image_sources))
 
     def regenerate(self, conv_id: str) -> Iterator[ChatEvent]:
         """Replace the last answer with a new one (fresh seed); with an unanswered last question, answer it."""
-        return self._exclusive(lambda: self._regenerate(conv_id))
+        return self._exclusive(self._token(), lambda: self._regenerate(conv_id))
 
     def edit_and_resend(self, conv_id: str, user_msg_id: int, new_text: str) -> Iterator[ChatEvent]:
         """Change a question's text (its images stay), drop everything after it, and answer it again."""
-        return self._exclusive(lambda: self._edit_and_resend(conv_id, user_msg_id, new_text))
+        return self._exclusive(self._token(), lambda: self._edit_and_resend(conv_id, user_msg_id, new_text))
 
-    def _exclusive(self, body: Callable[[], Iterator[ChatEvent]]) -> Iterator[ChatEvent]:
+    def _token(self) -> CancelToken:
+        """A use case's cancel token, made when it is asked for (not when it starts running)."""
+        token = CancelToken()
+        self._live.add(token)
+        return token
+
+    def _exclusive(self, token: CancelToken, body: Callable[[], Iterator[ChatEvent]]) -> Iterator[ChatEvent]:
         if not self._busy.acquire(blocking=False):
+            self._live.discard(token)
             yield Failed(BUSY)
             return
         try:
-            self._cancel = CancelToken()
+            self._cancel = token
             yield from body()
         except OwlError as exc:
             yield Failed(exc.message)
@@ -223,6 +236,7 @@ class ChatService:
             log.exception("chat use case failed")
             yield Failed(f"Something went wrong ({type(exc).__name__}); {see_the_log()}")
         finally:
+            self._live.discard(token)
             self._busy.release()
 
     def _ask(self, conv_id: str, text: str, image_sources: Sequence[ImageInput]) -> Iterator[ChatEvent]:
@@ -277,7 +291,9 @@ class ChatService:
         from owl_desktop.engine.pipeline import HistoryTurn
 
         earlier = [m for m in self.store.messages(conv_id) if m.seq < question.seq]
-        return [HistoryTurn(self._sources(p.question), p.question.text, p.answer.text) for p in qa_pairs(earlier)]
+        # an answer stopped before its first word is no exchange: its question (and images) stay out of the prompt
+        pairs = [p for p in qa_pairs(earlier) if p.answer.text.strip()]
+        return [HistoryTurn(self._sources(p.question), p.question.text, p.answer.text) for p in pairs]
 
     def _sources(self, msg: Message) -> list[HashedImage]:
         """A message's images for the engine: the store knows their sha256, so a cached one is never read again."""
