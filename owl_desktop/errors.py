@@ -45,8 +45,21 @@ class PromptError(OwlError):
     """A question or conversation cannot be turned into a prompt (empty, too long for the context)."""
 
 
+class ContextFull(PromptError):
+    """The conversation needs more positions than the model's context holds."""
+
+    def __init__(self, message: str, needed: int, available: int) -> None:
+        super().__init__(message)
+        self.needed = needed  # positions the prompt plus the least room for an answer take
+        self.available = available  # the context size
+
+
 class EngineError(OwlError):
     """The inference engine could not load or run the model."""
+
+
+class ServerError(OwlError):
+    """The local API server cannot start: the port is taken, or the settings would expose it unprotected."""
 
 
 class DownloadError(OwlError):

@@ -10,7 +10,7 @@ import sentencepiece as spm
 from owl_desktop.bundle import DEFAULT_SYSTEM, PromptTemplate
 from owl_desktop.devtools.tiny_checkpoint import train_tokenizer
 from owl_desktop.engine.prompt import ImageSegment, Prompt, TextSegment, Turn, build_prompt, render_text
-from owl_desktop.errors import PromptError
+from owl_desktop.errors import ContextFull, PromptError
 
 SYS = DEFAULT_SYSTEM
 Q1, A1 = "What is in this picture?", "A cat sitting on a wooden chair near the window."
@@ -178,6 +178,18 @@ def test_drops_oldest_turns_to_fit(sp: spm.SentencePieceProcessor) -> None:
     assert prompt.max_new_tokens == reserve
     assert prompt.image_keys[-1] == "img-now"
     assert prompt.image_keys == [key for t in turns[k:] for key in t.images]
+
+
+def test_keeping_every_turn_refuses_what_cannot_fit(sp: spm.SentencePieceProcessor) -> None:
+    turns = long_conversation(12)
+    needed = cost(sp, turns) + 16
+    with pytest.raises(ContextFull, match=rf"needs {needed} positions.*holds 700") as err:
+        build_prompt(turns, lambda t: encode(sp, t), n_ctx=700, drop_old_turns=False)
+    assert (err.value.needed, err.value.available) == (needed, 700)
+    # with room for every turn, all are kept and the answer gets what is left
+    prompt = build_prompt(turns, lambda t: encode(sp, t), n_ctx=needed + 10, drop_old_turns=False)
+    assert prompt.dropped_turns == 0 and prompt.text == render_text(turns)
+    assert prompt.max_new_tokens == 26
 
 
 def test_nothing_dropped_when_it_fits(sp: spm.SentencePieceProcessor) -> None:

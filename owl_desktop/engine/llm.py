@@ -367,8 +367,11 @@ class LlamaEngine:
         if s.greedy or s.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
             return chain
-        if s.repeat_penalty != 1.0 and s.repeat_last_n != 0:
-            penalties = L.llama_sampler_init_penalties(self.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)
+        penalised = s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0
+        if penalised and s.repeat_last_n != 0:
+            penalties = L.llama_sampler_init_penalties(
+                self.n_vocab, s.repeat_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+            )
             L.llama_sampler_chain_add(chain, penalties)
         if s.top_k > 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(s.top_k))

@@ -63,6 +63,8 @@ class Sampling:
     min_p: float = 0.05
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
+    frequency_penalty: float = 0.0  # OpenAI-style: minus this × count of each token seen in the last repeat_last_n
+    presence_penalty: float = 0.0  # OpenAI-style: minus this for each token seen in the last repeat_last_n
     no_repeat_ngram: int = 2  # ban a token that would repeat an n-gram already generated (reference demo: 2)
     seed: int | None = None  # None: a fresh random seed
     greedy: bool = False  # pure argmax, every penalty and ban off

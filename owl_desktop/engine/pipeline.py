@@ -155,6 +155,10 @@ class ChatPipeline:
                     t.encode_ms = per_image
         return timings
 
+    def has_encoding(self, sha256: str) -> bool:
+        """Whether the image with these file bytes is in the encode cache (it will not be decoded or encoded)."""
+        return self._cache.get(sha256) is not None
+
     def image_rows(self, image: ImageSource) -> np.ndarray:
         """The 65 rows one image contributes to the LLM ([65, n_embd] float32), through the cache."""
         prepared = image if isinstance(image, PreparedImage) else preprocess(image)
@@ -174,10 +178,12 @@ class ChatPipeline:
         system: str | None = None,
         max_new_tokens: int = prompt_mod.MAX_NEW_TOKENS,
         task: Task | None = None,
+        drop_old_turns: bool = True,
     ) -> tuple[prompt_mod.Prompt, list[Segment], list[ImageTiming]]:
         """Turn a conversation into LLM segments, encoding only the images of the turns that fit.
 
-        `task` may cancel it between images and between the vision tower's layers (raises Cancelled).
+        `task` may cancel it between images and between the vision tower's layers (raises Cancelled). With
+        `drop_old_turns` False a conversation that does not fit raises ContextFull instead of losing turns.
         """
         # each file is read once: the bytes that were hashed are the bytes that get encoded
         keyed: dict[str, PreparedImage | HashedImage | tuple[bytes, str]] = {}
@@ -208,6 +214,7 @@ class ChatPipeline:
             max_new_tokens=max_new_tokens,
             image_rows=self.bundle.config.image_rows,
             bos_id=self.bundle.config.text.bos_token_id,
+            drop_old_turns=drop_old_turns,
         )
         timings: list[ImageTiming] = []
         to_encode: list[PreparedImage] = []
@@ -242,32 +249,48 @@ class ChatPipeline:
         sampling: Sampling | None = None,
         system: str | None = None,
         cancel: CancelToken | None = None,
+        drop_old_turns: bool = True,
+        stop: Sequence[str] = (),
     ) -> AnswerStream:
         """Ask about `images`; iterate the returned stream for text pieces.
 
         Stop it with `cancel` (or `cancel()`), at any stage: reading and encoding images (Cancelled is raised from
         here), prefilling or generating (the stream ends within a token). The record's time to first token counts
-        from this call, image encoding included.
+        from this call, image encoding included. The prompt is built and the images encoded before this returns
+        (errors are raised here). The answer also ends before any of `stop` (besides the template's next turn).
         """
         t0 = time.perf_counter()
         token = cancel or CancelToken()
         self._request = token
         s = sampling or Sampling()
         prompt, segments, timings = self.build(
-            images, question, history, system=system, max_new_tokens=s.max_new_tokens, task=Task(cancel=token)
+            images,
+            question,
+            history,
+            system=system,
+            max_new_tokens=s.max_new_tokens,
+            task=Task(cancel=token),
+            drop_old_turns=drop_old_turns,
         )
         record = AnswerRecord(images=timings, dropped_turns=prompt.dropped_turns, context_size=self.llm.n_ctx)
         record.encode_ms = sum(t.encode_ms for t in timings)
         capped = replace(s, max_new_tokens=prompt.max_new_tokens)
-        return AnswerStream(self, self._run(segments, capped, record, token, t0), record)
+        stops = (*self._stop_texts, *stop)
+        return AnswerStream(self, self._run(segments, capped, record, token, t0, stops), record)
 
     def _run(
-        self, segments: list[Segment], sampling: Sampling, record: AnswerRecord, token: CancelToken, t0: float
+        self,
+        segments: list[Segment],
+        sampling: Sampling,
+        record: AnswerRecord,
+        token: CancelToken,
+        t0: float,
+        stops: Sequence[str],
     ) -> Iterator[str]:
         stats = GenerationStats()
         started = time.perf_counter()
         try:
-            yield from self.llm.generate(segments, sampling, stats, cancel=token, stop_texts=self._stop_texts)
+            yield from self.llm.generate(segments, sampling, stats, cancel=token, stop_texts=stops)
         finally:
             record.token_ids = list(stats.token_ids)
             record.prefill_ms = stats.prefill_ms

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from owl_desktop.bundle import PromptTemplate
-from owl_desktop.errors import PromptError
+from owl_desktop.errors import ContextFull, PromptError
 
 Tokenize = Callable[[str], list[int]]
 """SentencePiece-like tokenizer of one text chunk: no BOS, dummy-prefix "▁" at the start, special text not parsed."""
@@ -146,12 +146,15 @@ def build_prompt(
     min_new_tokens: int = MIN_NEW_TOKENS,
     image_rows: int = IMAGE_ROWS,
     bos_id: int = BOS_ID,
+    drop_old_turns: bool = True,
 ) -> Prompt:
     """Segments for the conversation `turns`, the last of which is the question being asked (answer None).
 
     Room for `max_new_tokens` of answer is kept, capped so that the current turn alone fits with at least
     `min_new_tokens` to spare; older turns are then added newest first while they fit, and the rest are dropped.
-    Raises PromptError for an empty question or a current turn that cannot fit.
+    With `drop_old_turns` False every turn is kept and the answer gets what room is left (at least
+    `min_new_tokens`), or ContextFull is raised: for callers that must not lose history silently (the API).
+    Raises PromptError for an empty question, ContextFull for a conversation that cannot fit.
     """
     if not turns:
         raise PromptError("there is no question to ask")
@@ -187,9 +190,20 @@ def build_prompt(
     last = len(turns) - 1
     best = plan(last)
     if best[1] + min_new_tokens > n_ctx:
-        raise PromptError(_too_big_message(turns[last], best[1], n_ctx, min_new_tokens, image_rows))
-    reserve = min(max_new_tokens, n_ctx - best[1])
+        message = _too_big_message(turns[last], best[1], n_ctx, min_new_tokens, image_rows)
+        raise ContextFull(message, best[1] + min_new_tokens, n_ctx)
     first = last
+    if not drop_old_turns:
+        best, first = plan(0), 0
+        if best[1] + min_new_tokens > n_ctx:
+            raise ContextFull(
+                f"the conversation needs {best[1] + min_new_tokens} positions ({best[1]} for its {len(turns)} turns, "
+                f"at least {min_new_tokens} for the answer) but the model's context holds {n_ctx}; "
+                "leave out earlier turns or images",
+                best[1] + min_new_tokens,
+                n_ctx,
+            )
+    reserve = min(max_new_tokens, n_ctx - best[1])
     while first > 0:
         candidate = plan(first - 1)
         if candidate[1] + reserve > n_ctx:
