@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from owl_desktop.commands import ask, bench, convert, demo, dev, models
+from owl_desktop.commands import ask, bench, convert, demo, dev, models, serve
 
 COMMANDS: list[ModuleType] = [
     dev,
@@ -13,4 +13,5 @@ COMMANDS: list[ModuleType] = [
     ask,
     demo,
     bench,
+    serve,
 ]
