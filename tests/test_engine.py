@@ -169,6 +169,25 @@ def test_follow_up_reuses_kv_and_equals_from_scratch(tiny: dict[str, Path], pipe
     assert scratch.record.token_ids == follow.record.token_ids
 
 
+def test_a_conversation_coming_back_gets_its_saved_prefix(tiny: dict[str, Path], pipe: ChatPipeline) -> None:
+    pipe.llm.reset()
+    first = pipe.ask([tiny["img0"]], "What colour dominates?", sampling=GREEDY16)
+    first.read()
+    other = pipe.ask([tiny["img1"], tiny["img2"]], "Compare these.", sampling=GREEDY16)  # another conversation
+    other.read()
+    assert other.record.reused_positions < 65  # it overwrote the first one's image and answer
+    history = [HistoryTurn([tiny["img0"]], "What colour dominates?", first.record.text)]
+    back = pipe.ask([], "Why?", history, sampling=GREEDY16)
+    back.read()
+    assert back.record.reused_positions >= first.record.context_used - len(first.record.token_ids) - 1
+
+    pipe.llm.reset()
+    scratch = pipe.ask([], "Why?", history, sampling=GREEDY16)
+    scratch.read()
+    assert scratch.record.reused_positions == 0
+    assert scratch.record.token_ids == back.record.token_ids
+
+
 def test_regenerate_with_same_seed_gives_same_text(tiny: dict[str, Path], pipe: ChatPipeline) -> None:
     sampled = Sampling(temperature=1.0, top_k=50, top_p=0.95, seed=1234, max_new_tokens=24)
     a = pipe.ask([tiny["img1"]], "Say something.", sampling=sampled)

@@ -5,6 +5,11 @@ A prompt is an ordered list of segments, token ids or embedding rows (65 per ima
 own `llama_decode` calls (a batch holds tokens or embeddings, never both), chunked to n_batch (a bigger batch
 aborts the process). Every KV position is keyed by its token id or by (image hash, row), so a follow-up turn
 only prefills what changed. Generation streams UTF-8-safe text pieces and stops within one token on cancel.
+
+When a prompt would overwrite a long stretch of the cache (another conversation: the window and an API client taking
+turns, or a chat the user switches back to), the sequence's KV state is first copied to host memory; a later prompt
+that matches a saved prefix better than the live cache gets it copied back instead of prefilled again. The copies
+are bounded in bytes (LlmSettings.prefix_cache_mb) and dropped oldest first.
 """
 
 from __future__ import annotations
@@ -41,6 +46,23 @@ class Embeddings:
 
 
 Segment = Tokens | Embeddings
+
+MIN_PREFIX_GAIN = 64  # positions a saved prefix must win (or a prompt must overwrite) to be worth a state copy
+MAX_SAVED_PREFIXES = 4
+
+
+@dataclass(eq=False)
+class _SavedPrefix:
+    keys: list[Any]  # the identity of each position the state holds
+    state: Any  # ctypes uint8 array from llama_state_seq_get_data
+    nbytes: int
+
+
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
 
 
 @dataclass
@@ -219,6 +241,8 @@ class LlamaEngine:
         self._tbatch = L.llama_batch_init(self.n_batch, 0, 1)
         self._ebatch = L.llama_batch_init(self.n_batch, self.n_embd, 1)
         self._keys: list[Any] = []  # identity of each KV position: token id or (key, row)
+        self._saved: list[_SavedPrefix] = []  # oldest first
+        self._saved_cap = max(0, s.prefix_cache_mb) * 1024 * 1024
         self._lock = threading.Lock()
         self._piece_buf = ctypes.create_string_buffer(256)
         self._wordlike_mask: np.ndarray | None = None
@@ -330,10 +354,7 @@ class LlamaEngine:
             raise PromptError("empty prompt")
         if len(keys) >= self.n_ctx:
             raise PromptError(f"the prompt needs {len(keys)} positions; the context holds {self.n_ctx}")
-        n_keep = 0
-        limit = min(len(keys), len(self._keys))
-        while n_keep < limit and keys[n_keep] == self._keys[n_keep]:
-            n_keep += 1
+        n_keep = self._switch_prefix(keys, _common_prefix(keys, self._keys))
         n_keep = min(n_keep, len(keys) - 1)  # re-decode at least one position for fresh logits
         if not L.llama_memory_seq_rm(self.mem, 0, n_keep, -1):
             L.llama_memory_clear(self.mem, True)
@@ -353,6 +374,52 @@ class LlamaEngine:
                 self._keys.extend(keys[pos + start : end])
             pos = end
         return len(keys), n_keep
+
+    # ---------------------------------------------------------------- saved prefixes
+
+    def _switch_prefix(self, keys: list[Any], n_keep: int) -> int:
+        """Before a prompt that keeps `n_keep` positions: save the live state if much of it would be overwritten,
+        restore a saved one that matches `keys` much better. Returns the positions now reusable."""
+        if not self._saved_cap:
+            return n_keep
+        best, best_n = None, n_keep
+        for saved in self._saved:
+            m = _common_prefix(keys, saved.keys)
+            if m > best_n:
+                best, best_n = saved, m
+        if len(self._keys) - n_keep >= MIN_PREFIX_GAIN:
+            self._save_live()  # this conversation may come back
+        if best is not None and best_n - n_keep >= MIN_PREFIX_GAIN and any(p is best for p in self._saved):
+            return best_n if self._restore(best) else 0
+        return n_keep
+
+    def _save_live(self) -> None:
+        """Copy the live sequence's KV state to host memory (superseding saved prefixes of it)."""
+        if not self._keys:
+            return
+        size = int(L.llama_state_seq_get_size(self.ctx, 0))
+        if size <= 0 or size > self._saved_cap:
+            return
+        buf = (ctypes.c_uint8 * size)()
+        written = int(L.llama_state_seq_get_data(self.ctx, buf, size, 0))
+        if written <= 0:
+            return
+        live = self._keys
+        self._saved = [p for p in self._saved if _common_prefix(p.keys, live) < len(p.keys)]
+        self._saved.append(_SavedPrefix(list(live), buf, written))
+        while len(self._saved) > MAX_SAVED_PREFIXES or sum(p.nbytes for p in self._saved) > self._saved_cap:
+            self._saved.pop(0)
+
+    def _restore(self, saved: _SavedPrefix) -> bool:
+        """Make a saved state the live one; on failure the cache is empty (and False returned)."""
+        self._saved.remove(saved)  # live again: saved anew when it is overwritten
+        L.llama_memory_seq_rm(self.mem, 0, -1, -1)
+        if int(L.llama_state_seq_set_data(self.ctx, saved.state, saved.nbytes, 0)) == 0:
+            L.llama_memory_clear(self.mem, True)
+            self._keys = []
+            return False
+        self._keys = list(saved.keys)
+        return True
 
     def last_logits(self) -> np.ndarray:
         ptr = L.llama_get_logits_ith(self.ctx, -1)
@@ -499,10 +566,11 @@ class LlamaEngine:
         self._cancel.cancel()
 
     def reset(self) -> None:
-        """Forget the KV cache (the next prompt is prefilled from scratch)."""
+        """Forget the KV cache and the saved prefixes (the next prompt is prefilled from scratch)."""
         with self._lock:
             L.llama_memory_clear(self.mem, True)
             self._keys.clear()
+            self._saved.clear()
 
     def close(self) -> None:
         if self._closed:

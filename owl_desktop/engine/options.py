@@ -53,6 +53,7 @@ class LlmSettings:
     n_gpu_layers: int = -1  # -1: every layer when the build has a GPU backend
     flash_attn: str = "auto"  # a key of FLASH_ATTN_IDS ("off" is exact against a float32 reference)
     kv_type: str = "f16"  # a key of KV_TYPE_IDS
+    prefix_cache_mb: int = 1024  # host memory for saved KV prefixes of other conversations (0: none)
 
 
 @dataclass(frozen=True)
