@@ -216,4 +216,53 @@ def run_engine(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [register_vision, register_convert, register_engine]
+# -----------------------------------------------------------------------------------------------------------------
+# bench serve (the measurement lives in owl_desktop/server/bench.py)
+
+
+def register_serve(benchmarks: argparse._SubParsersAction) -> None:
+    from owl_desktop.commands.engine_args import add_engine_flags
+
+    p = benchmarks.add_parser(
+        "serve",
+        help="the local API against the engine directly: first token, decode, follow-ups, disconnects",
+        description=(
+            "Runs the API server in this process on a free loopback port and sends it streamed greedy requests "
+            "over a real socket: time to first token and decode tokens/s against the same question through the "
+            "engine directly, a follow-up request (KV prefix reused) against the same request from scratch, and "
+            "how soon the engine is free after a client leaves mid-answer."
+        ),
+    )
+    p.add_argument("--model", metavar="BUNDLE", help="bundle folder or id (default: the demo's tiny random bundle)")
+    p.add_argument("--image", type=Path, metavar="PATH", help="image to ask about (default: the demo picture)")
+    p.add_argument("--decode-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    add_engine_flags(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from owl_desktop.commands.engine_args import engine_settings
+    from owl_desktop.devtools.demo import demo_image, ensure_demo_bundle
+    from owl_desktop.server import bench
+
+    model = args.model or ensure_demo_bundle()
+    result = bench.run(
+        model, engine_settings(args), args.image or demo_image(), decode_tokens=args.decode_tokens, repeats=args.repeats
+    )
+    print(f"model: {model}")
+    print(result.report())
+    if args.json:
+        print(json.dumps(bench.as_dict(result)))
+    return 0
+
+
+BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [
+    register_vision,
+    register_convert,
+    register_engine,
+    register_serve,
+]
