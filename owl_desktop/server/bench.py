@@ -7,6 +7,7 @@ figure is measured against its baseline in the same run, alternating between the
   through the engine directly (goals: TTFT <= 1.05x, decode >= 0.97x);
 - a follow-up request's TTFT (the conversation so far repeated, as clients send it) against the same request with
   the KV cache emptied first (goal <= 0.25x);
+- the same follow-up when another conversation (another client, or the window) ran in between;
 - how long after a client disconnects mid-answer the engine is free again.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import statistics
 import time
@@ -43,6 +45,8 @@ class ServeBench:
     scratch_ttft_ms: float
     follow_up_cached_positions: int
     follow_up_prefilled_positions: int
+    interleaved_ttft_ms: float
+    interleaved_cached_positions: int
     disconnect_to_free_ms: float
 
     @property
@@ -70,6 +74,9 @@ class ServeBench:
                 f"({self.follow_up_cached_positions} positions reused, {self.follow_up_prefilled_positions} prefilled)",
                 f"same request, KV emptied:    {self.scratch_ttft_ms:9.1f} ms",
                 f"  ratio follow-up / scratch: {self.follow_up_ratio:9.3f}   (goal <= 0.25)",
+                f"follow-up after another conversation ran: {self.interleaved_ttft_ms:.1f} ms "
+                f"({self.interleaved_cached_positions} positions reused; "
+                f"{self.interleaved_ttft_ms / self.scratch_ttft_ms:.3f}x scratch)",
                 f"disconnect -> engine free:   {self.disconnect_to_free_ms:9.1f} ms (client left mid-answer)",
             ]
         )
@@ -136,6 +143,16 @@ def _stream(port: int, body: dict[str, Any]) -> _Streamed:
     tokens = int(usage.get("completion_tokens", 0))
     rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
     return _Streamed("".join(parts), (first - t0) * 1000, rate, usage, timings)
+
+
+def _mirrored(image: Path) -> str:
+    """Base64 PNG of the image mirrored: another picture of the same size."""
+    from PIL import Image, ImageOps
+
+    buf = io.BytesIO()
+    with Image.open(image) as img:
+        ImageOps.mirror(img.convert("RGB")).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _message(image_b64: str, text: str) -> dict[str, Any]:
@@ -234,6 +251,16 @@ def _measure(host: StandaloneModel, port: int, image: Path, n: int, repeats: int
         _reset(host)
         scratch.append(_stream(port, follow_turn).ttft_ms)
 
+    other_turn = {**first_turn, "messages": [_message(_mirrored(image), "What is different here?")]}
+    interleaved, interleaved_cached = [], []
+    for _ in range(repeats):
+        _reset(host)
+        _stream(port, first_turn)
+        _stream(port, other_turn)  # another client's conversation overwrites the live cache
+        f = _stream(port, follow_turn)
+        interleaved.append(f.ttft_ms)
+        interleaved_cached.append(int(f.timings.get("cache_n", 0)))
+
     freed = [_disconnect_to_free_ms(host, port, first_turn) for _ in range(repeats)]
     return ServeBench(
         api_ttft_ms=statistics.median(api_ttft),
@@ -244,5 +271,7 @@ def _measure(host: StandaloneModel, port: int, image: Path, n: int, repeats: int
         scratch_ttft_ms=statistics.median(scratch),
         follow_up_cached_positions=min(cached),
         follow_up_prefilled_positions=max(prefilled),
+        interleaved_ttft_ms=statistics.median(interleaved),
+        interleaved_cached_positions=min(interleaved_cached),
         disconnect_to_free_ms=statistics.median(freed),
     )
