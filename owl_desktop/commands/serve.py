@@ -56,11 +56,10 @@ def register(sub: Any) -> None:
 
 def default_model() -> str:
     """The model last used in the app if it is installed, else the only installed one."""
-    from owl_desktop import paths
     from owl_desktop.app.settings import Settings
-    from owl_desktop.hub.installed import scan
+    from owl_desktop.bundle import scan
 
-    installed = [m for m in scan(paths.models_dir()) if m.ok]
+    installed = [m for m in scan() if m.ok]
     last = Settings.load().last_model_id
     if last and any(m.id == last for m in installed):
         return last
@@ -74,9 +73,8 @@ def default_model() -> str:
 
 def model_id_of(ref: str) -> str:
     from owl_desktop import bundle
-    from owl_desktop.hub.installed import describe
 
-    found = describe(bundle.resolve(ref))
+    found = bundle.describe(bundle.resolve(ref))
     return found.id if found is not None else str(ref)
 
 

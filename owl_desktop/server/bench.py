@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from owl_desktop.app.engine_queue import EngineQueue
-from owl_desktop.engine.llm import Sampling
+from owl_desktop.engine.options import Sampling
 from owl_desktop.engine.pipeline import EngineSettings
 from owl_desktop.server.config import ServerConfig
 from owl_desktop.server.host import StandaloneModel

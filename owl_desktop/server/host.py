@@ -17,7 +17,7 @@ from owl_desktop.app.engine_queue import EngineQueue
 from owl_desktop.errors import OwlError
 
 if TYPE_CHECKING:
-    from owl_desktop.engine.llm import Sampling
+    from owl_desktop.engine.options import Sampling
     from owl_desktop.engine.pipeline import ChatPipeline, EngineSettings
 
 log = logging.getLogger(__name__)

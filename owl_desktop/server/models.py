@@ -6,9 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from owl_desktop import paths
-from owl_desktop.bundle import MANIFEST
-from owl_desktop.hub.installed import scan
+from owl_desktop.bundle import MANIFEST, scan
 from owl_desktop.model_config import TextConfig
 from owl_desktop.server.errors import ApiError
 from owl_desktop.server.host import ModelHost
@@ -51,7 +49,7 @@ def available(host: ModelHost) -> list[dict[str, Any]]:
     if pipe is not None:
         b = pipe.bundle
         out.append(_entry(b.id, b.path, b.size, b.quant, parameter_size(b.config.text)))
-    for m in scan(paths.models_dir()):
+    for m in scan():
         if m.ok and all(m.id != e["id"] for e in out):
             out.append(_entry(m.id, m.path, m.size, m.quant))
     return out
@@ -73,7 +71,7 @@ def choose(host: ModelHost, requested: str | None) -> str | None:
     name = _plain(requested)
     if name is None or name == current:
         return current
-    if any(m.id == name and m.ok for m in scan(paths.models_dir())):
+    if any(m.id == name and m.ok for m in scan()):
         raise ApiError(
             400,
             f"model '{name}' is installed but not loaded; this server has '{current}' loaded",

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from owl_desktop import __version__
-from owl_desktop.engine.llm import Sampling
+from owl_desktop.engine.options import Sampling
 from owl_desktop.server.errors import ApiError
 from owl_desktop.server.images import from_base64
 from owl_desktop.server.jobs import JobResult

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from owl_desktop.engine.llm import Sampling
+from owl_desktop.engine.options import Sampling
 from owl_desktop.server.errors import ApiError
 from owl_desktop.server.jobs import JobResult
 from owl_desktop.server.requests import (
@@ -143,7 +143,7 @@ def timings(result: JobResult) -> dict[str, Any]:
         "predicted_per_second": round(r.decode_tokens_per_s, 3),
         "images_n": len(r.images),
         "images_encoded_n": sum(1 for t in r.images if not t.cached),
-        "image_encode_ms": round(result.encode_ms, 3),
+        "image_encode_ms": round(r.encode_ms, 3),
         "queue_ms": round(result.queued_ms, 3),
     }
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from owl_desktop.engine.llm import Sampling
+from owl_desktop.engine.options import Sampling
 from owl_desktop.server.errors import ApiError
 
 UNLIMITED_TOKENS = 1 << 30  # "as many as the context holds": the prompt builder caps it to the room left
