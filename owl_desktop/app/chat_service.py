@@ -10,14 +10,16 @@ The GUI's engine worker (one thread) drives these blocking generators and forwar
             case Failed(message): ...                    # a one-line reason; re-read store.messages(conv_id)
 
 `stop()` may be called from any thread; the answer ends within one token and what was written is kept, marked
-stopped. Errors never escape as exceptions and never lose the conversation: a bad image fails before anything is
-stored; a failure after the question is stored keeps it (regenerate() retries it) and keeps any partial answer.
+stopped. The model is used through an EngineQueue shared with the local API server: an answer (or a model load)
+waits while an API request holds the engine, and API requests wait while the window answers.
+
+Errors never escape as exceptions and never lose the conversation: a bad image fails before anything is stored; a
+failure after the question is stored keeps it (regenerate() retries it) and keeps any partial answer.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from owl_desktop import bundle as bundle_mod
+from owl_desktop.app.engine_queue import WINDOW, EngineQueue, Turn
 from owl_desktop.app.settings import Settings
 from owl_desktop.bundle import InstalledModel
 from owl_desktop.errors import Cancelled, EngineError, OwlError
@@ -35,6 +38,7 @@ from owl_desktop.store.images import ImageStore, StoredImage
 from owl_desktop.tasks import CancelToken
 
 if TYPE_CHECKING:
+    from owl_desktop.engine.options import Sampling
     from owl_desktop.engine.pipeline import AnswerRecord, AnswerStream, ChatPipeline, HashedImage, HistoryTurn
     from owl_desktop.tasks import Task
 
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 SAVE_INTERVAL_S = 1.0  # the partial answer is written to the store at most this often while streaming
 NO_MODEL = "No model is loaded: download or import one in the model manager, or try the demo model."
 BUSY = "An answer is already being written; stop it or wait for it to finish."
+STOPPED_WAITING = "Stopped while waiting for the model, which was answering another program's request."
+WAIT_FOR_ENGINE_S = 30.0  # a model load waits this long for the answer or API request using the engine
 
 ImageInput = Path | str | bytes | StoredImage | ImageRef
 """A file path, encoded image bytes (e.g. a paste), or an image already in the ImageStore."""
@@ -103,13 +109,16 @@ class ChatService:
         settings: Settings,
         *,
         clock: Callable[[], float] = time.monotonic,
+        queue: EngineQueue | None = None,
     ) -> None:
         self.store = store
         self.images = images
         self.settings = settings
         self._clock = clock
         self._pipeline: ChatPipeline | None = None
-        self._busy = threading.Lock()  # one answer (or model load) at a time
+        self.queue = queue or EngineQueue()  # one user of the engine at a time: the window, a load or an API request
+        self._turn: Turn | None = None  # the window's place in the queue while one of its use cases runs or waits
+        self._loading = False
         self._cancel = CancelToken()  # the running use case's; stop() fires it, whatever stage the answer is in
         # every use case asked for and not yet over (a Stop must also reach one that has not started running)
         self._live: weakref.WeakSet[CancelToken] = weakref.WeakSet()
@@ -126,19 +135,22 @@ class ChatService:
         """
         from owl_desktop.engine.pipeline import ChatPipeline
 
-        if not self._busy.acquire(timeout=30):
-            raise EngineError(BUSY)
+        turn = self.queue.enter("loading the model", bounded=False)
         try:
+            if not turn.wait(WAIT_FOR_ENGINE_S):
+                raise EngineError(BUSY)
+            self._loading = True
             self._unload_locked()
             self._pipeline = ChatPipeline.open(ref, self.settings.to_engine_settings(), task)
             self.settings.last_model_id = self._pipeline.bundle.id
             return self._pipeline.bundle.id
         finally:
-            self._busy.release()
+            self._loading = False
+            turn.leave()
 
     def unload(self) -> None:
         self.stop()
-        with self._busy:
+        with self.queue.enter("unloading the model", bounded=False):
             self._unload_locked()
 
     def _unload_locked(self) -> None:
@@ -153,7 +165,16 @@ class ChatService:
 
     @property
     def pipeline(self) -> ChatPipeline | None:
+        """The loaded model; use it only while holding a turn of `queue`."""
         return self._pipeline
+
+    @property
+    def loading(self) -> bool:
+        return self._loading
+
+    def default_sampling(self) -> Sampling:
+        """The sampling the settings give a new answer (the API server's defaults too)."""
+        return self.settings.to_sampling()
 
     @property
     def device_description(self) -> str:
@@ -181,28 +202,28 @@ class ChatService:
     def close(self) -> None:
         """Stop any answer, wait for it to end, and free the model."""
         self.stop()
-        if self._busy.acquire(timeout=30):
-            try:
+        turn = self.queue.enter("closing", bounded=False)
+        try:
+            if turn.wait(WAIT_FOR_ENGINE_S):
                 self._unload_locked()
-            finally:
-                self._busy.release()
+        finally:
+            turn.leave()
 
     # ------------------------------------------------------------------ use cases
 
     def stop(self) -> None:
         """End the answer being written (thread-safe): reading images, encoding, prefilling or generating all stop
-        within a few hundred milliseconds; what was written is kept. A use case asked for but not yet running is
-        stopped too."""
+        within a few hundred milliseconds; what was written is kept. A use case asked for but not yet running (or
+        waiting for the engine) is stopped too. An API request using the engine goes on: the window's tokens are its
+        own."""
         for token in list(self._live):
             token.cancel()
         self._cancel.cancel()
-        pipe = self._pipeline
-        if pipe is not None:
-            pipe.cancel()
 
     @property
     def busy(self) -> bool:
-        return self._busy.locked()
+        """One of the window's use cases (or a model load) runs or waits for the engine."""
+        return self._turn is not None or self._loading
 
     def ask(self, conv_id: str, text: str, image_sources: Sequence[ImageInput] = ()) -> Iterator[ChatEvent]:
         """Store the images and the question, then stream the answer."""
@@ -223,12 +244,17 @@ class ChatService:
         return token
 
     def _exclusive(self, token: CancelToken, body: Callable[[], Iterator[ChatEvent]]) -> Iterator[ChatEvent]:
-        if not self._busy.acquire(blocking=False):
+        if self._turn is not None:
             self._live.discard(token)
             yield Failed(BUSY)
             return
+        turn = self._turn = self.queue.enter(WINDOW, bounded=False)
         try:
             self._cancel = token
+            while not turn.wait(0.05):  # another program's request holds the engine: wait, unless Stop comes first
+                if token.cancelled:
+                    yield Failed(STOPPED_WAITING)
+                    return
             yield from body()
         except OwlError as exc:
             yield Failed(exc.message)
@@ -237,7 +263,8 @@ class ChatService:
             yield Failed(f"Something went wrong ({type(exc).__name__}); {see_the_log()}")
         finally:
             self._live.discard(token)
-            self._busy.release()
+            turn.leave()
+            self._turn = None
 
     def _ask(self, conv_id: str, text: str, image_sources: Sequence[ImageInput]) -> Iterator[ChatEvent]:
         if not text.strip():

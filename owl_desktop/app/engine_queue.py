@@ -22,6 +22,11 @@ from owl_desktop.errors import OwlError
 log = logging.getLogger(__name__)
 
 
+# labels of the queue's usual users (the status line tells them apart)
+WINDOW = "the window"
+API_REQUEST = "API request"
+
+
 class QueueFull(OwlError):
     """Every place in the queue is taken; try again later."""
 

@@ -67,10 +67,24 @@ class EngineDefaults:
 
 
 @dataclass
+class ApiServerDefaults:
+    """The local API server (Settings → Local API server): off until the user turns it on; see server/."""
+
+    enabled: bool = False
+    # "OWL" on a phone keypad is 695. No peer listens on 8695: LM Studio 1234, Ollama 11434, Jan 1337, GPT4All 4891,
+    # llama-server 8080, llama-cpp-python's server 8000.
+    port: int = 8695
+    allow_network: bool = False  # listen on every address (only with an API key), not only on 127.0.0.1
+    api_key: str = ""  # "": none (allowed only without allow_network)
+    cors_origins: str = ""  # browser origins allowed to call it, separated by spaces or commas
+
+
+@dataclass
 class Settings:
     theme: str = "system"
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     engine: EngineDefaults = field(default_factory=EngineDefaults)
+    api_server: ApiServerDefaults = field(default_factory=ApiServerDefaults)
     system_prompt: str | None = None  # None: the model bundle's own system prompt
     last_model_id: str | None = None
     send_on_enter: bool = True

@@ -6,12 +6,12 @@ import ipaddress
 import re
 from dataclasses import dataclass, replace
 
+from owl_desktop.app.settings import ApiServerDefaults
 from owl_desktop.errors import ServerError
 
-# "OWL" on a phone keypad is 695. No peer listens on 8695: LM Studio 1234, Ollama 11434, Jan 1337, GPT4All 4891,
-# llama-server 8080, llama-cpp-python's server 8000.
-DEFAULT_PORT = 8695
+DEFAULT_PORT = ApiServerDefaults.port  # declared once with the app's settings, where the reason for it is given
 DEFAULT_HOST = "127.0.0.1"
+EVERY_ADDRESS = "0.0.0.0"
 # Base64 grows images by a third: 64 MiB holds a few large photos and their history.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 REMOTE_IMAGE_MAX_BYTES = 20 * 1024 * 1024
@@ -35,6 +35,17 @@ class ServerConfig:
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+    @classmethod
+    def from_settings(cls, s: ApiServerDefaults) -> ServerConfig:
+        """The app's saved choices (Settings → Local API server) as a server configuration (not yet checked)."""
+        origins = tuple(o for o in re.split(r"[\s,]+", s.cors_origins) if o)
+        return cls(
+            host=EVERY_ADDRESS if s.allow_network else DEFAULT_HOST,
+            port=s.port,
+            api_key=s.api_key.strip() or None,
+            cors_origins=origins,
+        )
 
     def check(self) -> ServerConfig:
         """Refuse settings that are broken or would expose the model without a key; returns a normalised copy."""

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from owl_desktop.app.engine_queue import API_REQUEST
 from owl_desktop.errors import Cancelled, OwlError
 from owl_desktop.server.errors import INTERNAL, ApiError, from_owl_error
 from owl_desktop.server.host import ModelHost
@@ -84,7 +85,7 @@ Event = Ready | Piece | Done | Failed
 class Job:
     """Create on the event loop, `start()`, then `await next()` until Done or Failed."""
 
-    def __init__(self, host: ModelHost, request: ChatRequest, label: str = "API request") -> None:
+    def __init__(self, host: ModelHost, request: ChatRequest, label: str = API_REQUEST) -> None:
         self.id = next(_ids)
         self.host = host
         self.request = request
