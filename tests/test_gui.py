@@ -727,3 +727,63 @@ def test_start_up_shows_the_window_then_loads_the_model(qtbot, demo_bundle, pict
     qtbot.waitUntil(lambda: window.state is State.READY, timeout=ANSWER_MS)
     assert window.services.chat.loaded_model_id == DEMO_BUNDLE_ID
     assert [i.name for i in window.composer.images()] == [p.name for p in pictures]
+
+
+# ---------------------------------------------------------------------------------------------------- local API
+
+
+def test_local_api_server_answers_with_the_window_model_and_the_chat_still_works(
+    qtbot,
+    make_window,
+    pictures,  # noqa: ANN001
+) -> None:
+    import base64
+    import copy
+    import socket
+
+    import openai
+
+    window = make_window()
+    statuses: list[str] = []
+    window.api_server.status_changed.connect(statuses.append)
+    turned_on = copy.deepcopy(window.services.settings)
+    turned_on.api_server.enabled = True
+    turned_on.api_server.port = 0  # any free port
+    window.apply_settings(turned_on)
+    url = window.api_server.url
+    assert url and url.startswith("http://127.0.0.1:")
+    assert window.status.api.text() == f"· API on {url.removeprefix('http://')}"
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    assert client.models.list().data[0].id == window.services.chat.loaded_model_id  # the window's model, not a copy
+    image = "data:image/png;base64," + base64.b64encode(pictures[0].read_bytes()).decode()
+    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What is this?"}]
+    answers: list = []
+    thread = threading.Thread(
+        target=lambda: answers.append(
+            client.chat.completions.create(
+                model=window.services.chat.loaded_model_id,
+                messages=[{"role": "user", "content": content}],
+                max_tokens=8,
+            )
+        )
+    )
+    thread.start()
+    qtbot.waitUntil(lambda: bool(answers), timeout=ANSWER_MS)
+    thread.join()
+    assert answers[0].choices[0].message.content
+    qtbot.waitUntil(lambda: any("answering a request" in s for s in statuses), timeout=ANSWER_MS)
+    qtbot.waitUntil(lambda: not window.status.api.text().endswith("answering a request"), timeout=ANSWER_MS)
+
+    # the window's own chat goes on, on the same engine
+    window.composer.add_files([pictures[1]])
+    ask(qtbot, window, "And this one?")
+    assert window.chat.bubbles()[-1].role == "assistant" and window.chat.bubbles()[-1].text.strip()
+
+    turned_off = copy.deepcopy(window.services.settings)
+    turned_off.api_server.enabled = False
+    window.apply_settings(turned_off)
+    assert window.status.api.text() == "" and window.api_server.url is None
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass

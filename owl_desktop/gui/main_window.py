@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 
 from owl_desktop.app.settings import Settings
 from owl_desktop.gui import attachments
+from owl_desktop.gui.api_server import ApiServerToggle
 from owl_desktop.gui.attachments import PendingImage
 from owl_desktop.gui.chat_view import ChatView
 from owl_desktop.gui.composer import Composer
@@ -113,6 +114,7 @@ class MainWindow(QMainWindow):
         self.engine = EngineHost(services.chat, self)
         self.runner = TaskRunner(self)
         self.models = ModelController(services.models, self.runner, self)
+        self.api_server = ApiServerToggle(services.chat, self)
 
         self.sidebar = Sidebar()
         self.welcome = WelcomePage(self.models)
@@ -120,6 +122,7 @@ class MainWindow(QMainWindow):
         self.composer = Composer()
         self.banner = Banner()
         self.status = StatusLine()
+        self.api_server.status_changed.connect(self.status.set_api)
         self.title = QLabel("New conversation")
         self.title.setObjectName("ChatTitle")
         self._build_layout()
@@ -258,11 +261,18 @@ class MainWindow(QMainWindow):
 
     def start_background_work(self) -> None:
         """After show_start_page: load the model chosen there on the engine thread (this imports the engine), or
-        check on the pool how the welcome page's model would fit this computer."""
+        check on the pool how the welcome page's model would fit this computer; start the local API server if on."""
         if self._start_model is not None:
             self.load_model(self._start_model)
         elif self.pages.currentWidget() is self.welcome:
             self.welcome.check_fit()
+        self.apply_api_server()
+
+    def apply_api_server(self) -> None:
+        """Start or stop the local API server as the settings say (it answers 503 until a model is loaded)."""
+        problem = self.api_server.apply(self.services.settings.api_server)
+        if problem:
+            self.show_error(f"The local API server is off: {problem}")
 
     def _installed_from_service(self) -> list[Any]:
         try:
@@ -650,9 +660,10 @@ class MainWindow(QMainWindow):
     def apply_settings(self, new: Settings) -> None:
         old = self.services.settings
         engine_changed = old.engine != new.engine
-        for name in ("theme", "system_prompt", "send_on_enter", "data_dir", "sampling", "engine"):
+        for name in ("theme", "system_prompt", "send_on_enter", "data_dir", "sampling", "engine", "api_server"):
             setattr(old, name, getattr(new, name))
         self._save_settings()
+        self.apply_api_server()
         apply_theme(old.theme)
         self.composer.set_send_on_enter(old.send_on_enter)
         model = self.services.chat.loaded_model_id
@@ -672,6 +683,7 @@ class MainWindow(QMainWindow):
         if not self._closing:
             self._closing = True
             self.status.set_activity("closing…", None, True)
+            self.api_server.shutdown()  # API requests in flight end within a token
             self.runner.shutdown(timeout_ms=30_000)
             self.engine.shutdown(timeout_ms=60_000)
             self._save_settings()

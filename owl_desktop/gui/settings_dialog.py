@@ -1,11 +1,14 @@
-"""Settings: appearance, how answers are sampled, and how the engine runs. Edits a copy; OK hands it back."""
+"""Settings: appearance, how answers are sampled, how the engine runs, the local API server. Edits a copy; OK hands
+it back."""
 
 from __future__ import annotations
 
 import copy
+import secrets
 from pathlib import Path
 from typing import Any
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -167,12 +170,58 @@ class SettingsDialog(QDialog):
         hint.setWordWrap(True)
         engine.addRow("", hint)
 
+        self._build_api_tab(s.api_server)
+
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         restore = buttons.addButton("Restore defaults", QDialogButtonBox.ButtonRole.ResetRole)
         restore.clicked.connect(self._restore_defaults)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         layout.addWidget(buttons)
+
+    def _build_api_tab(self, a: Any) -> None:
+        api = _form(self.tabs, "Local API server")
+        self.api_enabled = QCheckBox("Let other programs use the loaded model (OpenAI- and Ollama-compatible API)")
+        self.api_enabled.setChecked(bool(a.enabled))
+        self.api_enabled.setAccessibleName("Local API server")
+        api.addRow("Server", self.api_enabled)
+        self.api_port = _spin(1024, 65535, a.port if 1024 <= a.port <= 65535 else 8695, "API server port")
+        api.addRow("Port", self.api_port)
+        self.api_network = QCheckBox("Allow other computers on the network (needs an API key)")
+        self.api_network.setChecked(bool(a.allow_network))
+        self.api_network.setAccessibleName("Allow other computers on the network")
+        api.addRow("Network", self.api_network)
+        key_row = QHBoxLayout()
+        self.api_key = QLineEdit(a.api_key)
+        self.api_key.setPlaceholderText("none")
+        self.api_key.setAccessibleName("API key")
+        generate = QPushButton("Generate")
+        generate.setAccessibleName("Generate an API key")
+        generate.clicked.connect(lambda: self.api_key.setText(secrets.token_urlsafe(24)))
+        key_row.addWidget(self.api_key, 1)
+        key_row.addWidget(generate)
+        api.addRow("API key", key_row)
+        self.api_origins = QLineEdit(a.cors_origins)
+        self.api_origins.setPlaceholderText("none; e.g. http://localhost:3000")
+        self.api_origins.setAccessibleName("Allowed browser origins")
+        api.addRow("Browser origins", self.api_origins)
+        self.api_hint = QLabel()
+        self.api_hint.setObjectName("Muted")
+        self.api_hint.setWordWrap(True)
+        self.api_hint.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        api.addRow("", self.api_hint)
+        self.api_port.valueChanged.connect(self._update_api_hint)
+        self.api_network.toggled.connect(self._update_api_hint)
+        self._update_api_hint()
+
+    def _update_api_hint(self) -> None:
+        host = "this computer's address" if self.api_network.isChecked() else "127.0.0.1"
+        url = f"http://{host}:{self.api_port.value()}"
+        self.api_hint.setText(
+            f"OpenAI clients (Open WebUI, the openai package): {url}/v1 · Ollama clients: {url}. Requests and the "
+            "window's chat take turns on the loaded model. Browser pages and extensions are refused unless their "
+            "origin is listed."
+        )
 
     def _choose_data_dir(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Data folder", self.data_dir.text() or str(Path.home()))
@@ -191,6 +240,11 @@ class SettingsDialog(QDialog):
             getattr(self, name).setValue(getattr(fresh, name).value())
         self.send_on_enter.setChecked(fresh.send_on_enter.isChecked())
         self.system_prompt.setPlainText("")
+        self.api_enabled.setChecked(fresh.api_enabled.isChecked())
+        self.api_port.setValue(fresh.api_port.value())
+        self.api_network.setChecked(fresh.api_network.isChecked())
+        self.api_key.setText("")
+        self.api_origins.setText("")
         fresh.deleteLater()
 
     def values(self) -> Any:
@@ -216,4 +270,10 @@ class SettingsDialog(QDialog):
         e.n_ctx = int(self.n_ctx.currentData())
         e.flash_attn = self.flash_attn.currentData()
         e.kv_type = self.kv_type.currentData()
+        a = s.api_server
+        a.enabled = self.api_enabled.isChecked()
+        a.port = self.api_port.value()
+        a.allow_network = self.api_network.isChecked()
+        a.api_key = self.api_key.text().strip()
+        a.cors_origins = self.api_origins.text().strip()
         return s

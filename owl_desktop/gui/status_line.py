@@ -1,4 +1,4 @@
-"""The line at the bottom: model, device, speed, time to first token, how full the context is."""
+"""The line at the bottom: model, device, speed, time to first token, how full the context is, the local API."""
 
 from __future__ import annotations
 
@@ -37,10 +37,12 @@ class StatusLine(QFrame):
         self.context.setAccessibleName("Context used")
         self.context.setVisible(False)
         self.context_label = QLabel()
+        self.api = QLabel()
+        self.api.setAccessibleName("Local API server")
         for w in (self.model, self.device, self.activity, self.busy):
             h.addWidget(w)
         h.addStretch(1)
-        for w in (self.speed, self.context, self.context_label):
+        for w in (self.speed, self.context, self.context_label, self.api):
             h.addWidget(w)
 
     def set_model(self, model_id: str | None, device: str = "") -> None:
@@ -58,6 +60,10 @@ class StatusLine(QFrame):
             else:
                 self.busy.setRange(0, 1000)
                 self.busy.setValue(int(fraction * 1000))
+
+    def set_api(self, text: str) -> None:
+        """The local API server: its address and what it is doing ("" when it is off)."""
+        self.api.setText(f"· {text}" if text else "")
 
     def set_record(self, record: AnswerRecord | None) -> None:
         if record is None:
