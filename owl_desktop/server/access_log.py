@@ -8,6 +8,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("owl_desktop.server.access")
+MAX_PATH = 200  # a client may send any path; the log keeps its start
 
 
 class AccessLog:
@@ -44,7 +45,7 @@ class AccessLog:
             log.info(
                 "%s %s %s %.1f ms in=%d out=%d",
                 scope.get("method", "?"),
-                scope.get("path", "?"),
+                scope.get("path", "?")[:MAX_PATH],
                 status or "-",
                 (time.perf_counter() - start) * 1000,
                 bytes_in,
