@@ -11,7 +11,10 @@ import io
 import json
 import logging
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -548,3 +551,52 @@ def test_bad_requests_get_the_right_status_and_the_server_stays_up(
     lines = [r.getMessage() for r in caplog.records if r.name == "owl_desktop.server.access"]
     assert any(line.startswith("POST /v1/chat/completions 413 ") and " in=" in line for line in lines)
     assert not any("What is this?" in r.getMessage() for r in caplog.records)
+
+
+def test_requests_while_the_model_loads_get_503_then_answers(bundle: Path) -> None:
+    queue = EngineQueue()
+    loading = StandaloneModel(bundle, EXACT, Sampling(), queue)
+    hold = queue.enter("a window answering", bounded=False)  # the load waits behind it: a long load, on cue
+    assert hold.wait(5)
+    done = threading.Event()
+    loading.load_in_background(lambda _id, _err: done.set())
+    try:
+        with ApiServer(loading, ServerConfig(port=0)) as s:
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            status, headers, raw = request(s, "POST", "/v1/chat/completions", body)
+            assert status == 503 and int(headers["retry-after"]) > 0
+            assert "still loading" in json.loads(raw)["error"]["message"]
+            hold.leave()
+            assert done.wait(60) and loading.error is None
+            assert request(s, "POST", "/v1/chat/completions", body)[0] == 200
+    finally:
+        hold.leave()
+        loading.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C is a POSIX signal here")
+def test_serve_prints_its_address_and_stops_cleanly_on_ctrl_c(bundle: Path) -> None:
+    args = [sys.executable, "-m", "owl_desktop", "serve", "--model", str(bundle), "--port", "0", *EXACT_FLAGS]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        url = lines[0].split(" on ", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:")
+        assert f"OpenAI: {url}/v1" in lines[1]
+        while not (line := proc.stdout.readline()).startswith("Model "):
+            assert line, "serve ended before the model was ready"
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/v1/models")
+        models = json.loads(conn.getresponse().read())
+        conn.close()
+        assert models["data"], (lines, models)
+        assert lines[1].rstrip().endswith(f"model: {models['data'][0]['id']}")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

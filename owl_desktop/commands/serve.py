@@ -106,7 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"  OpenAI: {url}/v1   Ollama: {url}   model: {model_id}", flush=True)
     if config.api_key:
         print("  an API key is required (Authorization: Bearer ...)", flush=True)
-    print("Loading the model… (requests get 503 until it is ready; Ctrl+C stops)", flush=True)
+    print("Loading the model… (requests get 503 meanwhile; Ctrl+C stops the server)", flush=True)
 
     ended = threading.Event()
     failure: list[OwlError] = []
