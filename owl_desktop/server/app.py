@@ -187,8 +187,7 @@ class _Api:
         return JSONResponse(openai_api.model_list(models.available(self.host)))
 
     async def openai_model(self, request: Request) -> Response:
-        m = models.find(self.host, request.path_params["model_id"])
-        return JSONResponse({"id": m["id"], "object": "model", "created": m["created"], "owned_by": "owl-desktop"})
+        return JSONResponse(openai_api.model_entry(models.find(self.host, request.path_params["model_id"])))
 
     async def openai_chat(self, request: Request) -> Response:
         def read_image(url: str, label: str) -> Any:

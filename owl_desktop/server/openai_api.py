@@ -177,10 +177,13 @@ def chunk(cid: str, created: int, model: str, delta: Mapping[str, Any], finish: 
     }
 
 
+def model_entry(m: Mapping[str, Any]) -> dict[str, Any]:
+    """`m`: one of server.models.available()."""
+    return {"id": m["id"], "object": "model", "created": m["created"], "owned_by": "owl-desktop"}
+
+
 def model_list(models: list[dict[str, Any]]) -> dict[str, Any]:
-    """`models`: dicts with id, created (unix time), size, quant, loaded."""
-    data = [{"id": m["id"], "object": "model", "created": m["created"], "owned_by": "owl-desktop"} for m in models]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [model_entry(m) for m in models]}
 
 
 def now() -> int:
