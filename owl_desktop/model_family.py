@@ -57,8 +57,8 @@ class ImagePlan:
             raise ValueError(f"crop size must be positive, not {self.crop_size}")
         anchors = tuple((int(r), int(c)) for r, c in self.anchors)
         if self.kind == SHAPE_ADAPTIVE_CROPS:
-            if not anchors:
-                raise ValueError("a crop plan needs at least one anchor grid")
+            if not 0 < len(anchors) <= CUT_EMBEDDING_ROWS**2:
+                raise ValueError(f"a crop plan needs 1 to {CUT_EMBEDDING_ROWS**2} anchor grids, not {len(anchors)}")
             if any(r <= 0 or c <= 0 for r, c in anchors):
                 raise ValueError("anchor grids must have at least one row and one column")
             if max(max(a) for a in anchors) >= CUT_EMBEDDING_ROWS:
