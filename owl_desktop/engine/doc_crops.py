@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from owl_desktop.engine.preprocess import normalize, to_rgb
+from owl_desktop.engine.preprocess import normalize
+from owl_desktop.image_intake import to_rgb
 from owl_desktop.model_family import ImagePlan
 
 _EPS = np.float32(1e-5)
