@@ -193,3 +193,13 @@ def test_image_plan_round_trips_and_refuses_nonsense() -> None:
         ImagePlan.from_dict({**PLAN.to_dict(), "anchors": [[1, 15]]})
     with pytest.raises(ValueError, match="unknown image plan"):
         ImagePlan.from_dict({"kind": "tiles"})
+
+
+def test_crop_bench_runs_the_engine_path_on_a_tiny_tower() -> None:
+    from owl_desktop.devtools.tiny_checkpoint import preset_config
+    from owl_desktop.engine import crop_bench
+
+    result = crop_bench.run("cpu", "fp32", repeats=1, config=preset_config("tiny"))
+    assert (result.grid, result.views, result.crops) == ("4×5", 21, 20)
+    assert min(result.document_ms, result.separate_ms, result.single_ms) > 0
+    assert "per view, document / separate" in result.report()
