@@ -257,3 +257,22 @@ def test_a_checkpoint_with_one_crop_table_is_refused(tiny: dict[str, Path], tmp_
     with pytest.raises(CheckpointError, match="missing tensor abstractor.cut_patch_embedding_w.weight"):
         convert_checkpoint(broken, tmp_path / "out", quant="F32")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_small_memory_cache_still_serves_whole_documents(tiny: dict[str, Path], pipe: ChatPipeline) -> None:
+    # the in-memory cache counts rows: one mPLUG-Owl image's worth (65) holds no UReader image at all, and nothing
+    # is kept on disk; a question about two images must still get both images' rows, and the same answer
+    lean = EngineSettings(
+        llm=LlmSettings(flash_attn="off", kv_type="f32", n_threads=2),
+        vision_dtype="float32",
+        disk_cache=False,
+        memory_cache_images=1,
+    )
+    question = "Which one is wider?"
+    with ChatPipeline.open(tiny["bundle"], lean) as p:
+        answer = p.ask([tiny["receipt"], tiny["banner"]], question, sampling=GREEDY16)
+        answer.read()
+        assert [t.cached for t in answer.record.images] == [False, False]
+    expected = pipe.ask([tiny["receipt"], tiny["banner"]], question, sampling=GREEDY16)
+    expected.read()
+    assert answer.record.token_ids == expected.record.token_ids
