@@ -1,7 +1,8 @@
 """The model bundle: what conversion writes and the engine loads. The only module that reads bundle.json.
 
 <bundle dir>/
-  bundle.json          written last; format version, source, sha256 of each file, model config, prompt template
+  bundle.json          written last; format version, source, sha256 of each file, model config, prompt template,
+                       model family and image plan (model_family.py)
   vision.safetensors   vision_model.*, abstractor.*, query_tokens (names as in the HF checkpoint)
   llm-<QUANT>.gguf     the LLaMA language model with its SentencePiece vocabulary
 """
@@ -20,9 +21,11 @@ from owl_desktop.atomic import write_json_atomic
 from owl_desktop.errors import BundleError
 from owl_desktop.hashing import sha256_file
 from owl_desktop.model_config import OwlConfig
+from owl_desktop.model_family import MPLUG_OWL, UREADER, ImagePlan, default_plan
 from owl_desktop.tasks import Task
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads; a bundle records the oldest format that describes it
+_FIRST_FORMAT = {MPLUG_OWL: 1, UREADER: 2}  # format 2 added the family and its image plan
 MANIFEST = "bundle.json"
 VISION_FILE = "vision.safetensors"
 QUANTS = ("F32", "F16", "Q8_0", "Q5_K_M", "Q4_K_M")
@@ -33,6 +36,8 @@ DEFAULT_SYSTEM = (
     "The following is a conversation between a curious human and AI assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# UReader's benchmark prompt has no system text: "Human: <image>\nHuman: {q}\nAI: " (UReader/pipeline/evaluation.py)
+UREADER_SYSTEM = ""
 
 
 _BUNDLE_FILE = re.compile(r"^(bundle\.json|vision\.safetensors|llm-[A-Z0-9_]+\.gguf)$")
@@ -87,6 +92,8 @@ class Bundle:
     files: dict[str, FileRecord]
     source: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    family: str = MPLUG_OWL
+    image_plan: ImagePlan = field(default_factory=ImagePlan)
 
     @property
     def vision_path(self) -> Path:
@@ -110,24 +117,41 @@ def write_manifest(
     source: dict[str, Any],
     prompt: PromptTemplate | None = None,
     task: Task | None = None,
+    family: str = MPLUG_OWL,
+    image_plan: ImagePlan | None = None,
 ) -> Path:
     """Hash every payload file of `directory` and write bundle.json (the last file of a bundle)."""
+    plan = image_plan or default_plan(family, config.vision.image_size)
     files = {}
     for name in (VISION_FILE, llm_filename(quant)):
         p = directory / name
         files[name] = {"sha256": sha256_file(p, task), "size": p.stat().st_size}
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": _FIRST_FORMAT[family],
         "id": bundle_id,
         "quantization": quant,
         "source": source,
         "files": files,
         "config": config.to_dict(),
-        "prompt": (prompt or PromptTemplate()).to_dict(),
+        "prompt": (prompt or default_prompt(family)).to_dict(),
+        "family": family,
+        "image_plan": plan.to_dict(),
     }
     out = directory / MANIFEST
     write_json_atomic(out, manifest)
     return out
+
+
+def default_prompt(family: str) -> PromptTemplate:
+    """The prompt a family's reference inference uses (mPLUG-Owl: its system line; UReader: none)."""
+    return PromptTemplate(system=UREADER_SYSTEM) if family == UREADER else PromptTemplate()
+
+
+def _family(raw: dict[str, Any], where: str) -> str:
+    family = str(raw.get("family", MPLUG_OWL))
+    if family not in _FIRST_FORMAT:
+        raise BundleError(f"{where}: model family {family[:40]!r} is unknown to this owl-desktop")
+    return family
 
 
 def resolve(ref: str | Path) -> Path:
@@ -197,15 +221,26 @@ def _parse_manifest(root: Path) -> Bundle:
         if set(files) != {VISION_FILE, llm_filename(quant)}:
             raise BundleError(f"{where}: {MANIFEST} must list {VISION_FILE} and {llm_filename(quant)}, and only them")
         source = raw.get("source", {})
+        config = OwlConfig.from_dict({"model_type": "mplug-owl", **raw["config"]})
+        family = _family(raw, where)
+        plan = (
+            ImagePlan.from_dict(raw["image_plan"])
+            if "image_plan" in raw
+            else default_plan(family, config.vision.image_size)
+        )
+        if plan.crops != (family == UREADER):
+            raise BundleError(f"{where}: its image plan does not fit the {family} model family")
         return Bundle(
             path=root,
             id=bundle_id,
             quant=quant,
-            config=OwlConfig.from_dict({"model_type": "mplug-owl", **raw["config"]}),
+            config=config,
             prompt=PromptTemplate.from_dict(raw.get("prompt", {})),
             files=files,
             source=dict(source) if isinstance(source, dict) else {},
             format_version=int(raw["format_version"]),
+            family=family,
+            image_plan=plan,
         )
     except BundleError:
         raise

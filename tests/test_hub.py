@@ -82,15 +82,19 @@ def bin_gets(server: HubServer) -> list[str | None]:
 # catalog and preflight (no network)
 
 
-def test_catalog_lists_the_three_releases_with_sizes_per_quantization() -> None:
-    assert [e.repo_id for e in CATALOG] == [DEFAULT_REPO, f"{DEFAULT_REPO}-ft", f"{DEFAULT_REPO}-pt"]
+def test_catalog_lists_the_releases_with_sizes_per_quantization() -> None:
+    ureader = "Mizukiluke/ureader-v1"
+    assert [e.repo_id for e in CATALOG] == [DEFAULT_REPO, f"{DEFAULT_REPO}-ft", f"{DEFAULT_REPO}-pt", ureader]
     default = lookup(DEFAULT_REPO.upper())
     assert default is not None and default.default and default.chat
     assert lookup(f"{DEFAULT_REPO}-pt").chat is False  # type: ignore[union-attr]
     for e in CATALOG:
         assert e.revision and e.license and e.description and "\n" not in e.description
         assert {"config.json", "tokenizer.model"} <= set(e.files)
-        assert 14.0e9 < e.download_bytes < 14.5e9
+        if e.repo_id == ureader:  # three float32 shards: 9.98 + 9.96 + 8.55 GB
+            assert 28.4e9 < e.download_bytes < 28.6e9
+        else:
+            assert 14.0e9 < e.download_bytes < 14.5e9
         assert 6.73e9 < e.facts.llm_params < 6.75e9 and 0.38e9 < e.facts.vision_params < 0.39e9
         fps = e.footprints(2048)
         assert [f.quant for f in fps] == ["Q4_K_M", "Q5_K_M", "Q8_0", "F16", "F32"]
@@ -98,6 +102,11 @@ def test_catalog_lists_the_three_releases_with_sizes_per_quantization() -> None:
         assert fps[0].kv_cache == 2 * 32 * 2048 * 4096 * 2  # f16 K and V, 32 layers, 2048 positions: 1 GiB
         assert 3.7e9 < fps[0].llm_file < 4.3e9  # LLaMA-7B Q4_K_M is ~4.08 GB
     assert {"pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"} <= set(CATALOG[1].files)
+    doc = lookup(ureader)
+    assert doc is not None and doc.chat and not doc.default
+    assert {f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3)} < set(doc.files)
+    assert "special_tokens_map.json" not in doc.files and "preprocessor_config.json" not in doc.files
+    assert all(word in doc.description for word in ("documents", "charts", "tables", "web pages", "English"))
 
 
 def test_parameter_counts_match_the_checkpoint_layout() -> None:
@@ -163,7 +172,7 @@ def test_models_pull_downloads_verifies_converts_and_the_bundle_answers(
     assert cli_main(["models", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [m["id"] for m in listed["installed"]] == [bundle.name] and listed["installed"][0]["ok"]
-    assert listed["downloads"] == [] and len(listed["catalog"]) == 3
+    assert listed["downloads"] == [] and len(listed["catalog"]) == len(CATALOG)
 
     assert cli_main(["models", "pull", DEFAULT_REPO]) == 0  # same commit: nothing fetched again
     assert hub.bytes_sent(BIN) == bin_size(tiny_ckpt)

@@ -245,3 +245,47 @@ def test_prompt_is_plain_data(sp: spm.SentencePieceProcessor) -> None:
     prompt = build_prompt([Turn(("k",), Q1)], lambda t: encode(sp, t))
     assert isinstance(prompt, Prompt)
     assert Turn(["k"], Q1) == Turn(("k",), Q1)
+
+
+# ---------------------------------------------------------------------------------------------- images of many sizes
+
+
+def test_each_image_counts_its_own_positions_ureader_form(sp: spm.SentencePieceProcessor) -> None:
+    # UReader: no system text; an image's views are contiguous, 65 positions each (here 4 and 21 views)
+    views = {"receipt": 4, "card": 21}
+    turns = [Turn(["receipt"], Q1, A1), Turn(["card"], Q2)]
+    tok = lambda t: encode(sp, t)  # noqa: E731
+    prompt = build_prompt(turns, tok, system="", image_rows=lambda k: 65 * views[k], max_new_tokens=64)
+    text = f"Human: <image>\nHuman: {Q1}\nAI: {A1}\nHuman: <image>\nHuman: {Q2}\nAI: "
+    assert prompt.text == text and prompt.dropped_turns == 0 and prompt.image_level == 0
+    want = [1]
+    for chunk in [c for c in re.split("(<image>)", text) if c]:
+        if chunk == "<image>":
+            want += [-1] * 65 * views["receipt" if want.count(-1) == 0 else "card"]
+        else:
+            want += encode(sp, chunk)
+    assert prompt.input_ids() == want
+    assert [s.rows for s in prompt.segments if isinstance(s, ImageSegment)] == [260, 1365]
+
+
+def test_a_current_turn_too_big_takes_the_first_smaller_level_that_fits(sp: spm.SentencePieceProcessor) -> None:
+    full = lambda k: 1365  # noqa: E731
+    levels = [lambda k: 1105, lambda k: 845, lambda k: 390, lambda k: 130]
+    turns = [Turn(["old"], Q1, A1), Turn(["a", "b"], Q3)]  # two 1,365-position documents: 2,730 > 2,048
+    prompt = build_prompt(turns, lambda t: encode(sp, t), system="", image_rows=full, reduced_image_rows=levels)
+    assert prompt.image_level == 2  # 2 × 845 fits, 2 × 1,105 does not
+    images = [s for s in prompt.segments if isinstance(s, ImageSegment)]
+    assert [(s.image_key, s.rows, s.level) for s in images] == [("a", 845, 2), ("b", 845, 2)]
+    assert prompt.dropped_turns == 1  # the old turn (full detail, 1,365) is left out whole, never shrunk
+    assert prompt.n_positions + 16 <= 2048
+
+    fits = build_prompt([Turn(["a"], Q3)], lambda t: encode(sp, t), image_rows=full, reduced_image_rows=levels)
+    assert fits.image_level == 0  # one document fits as it is: nothing is reduced without need
+
+    with pytest.raises(PromptError, match=r"40 images take 5200 positions \(130 each\) even at the smallest level"):
+        build_prompt(
+            [Turn([f"k{i}" for i in range(40)], Q3)],
+            lambda t: encode(sp, t),
+            image_rows=full,
+            reduced_image_rows=levels,
+        )

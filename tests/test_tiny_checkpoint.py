@@ -305,6 +305,36 @@ def test_safetensors_variants_hold_the_same_tensors(
     assert not (out / "pytorch_model.bin").exists()
 
 
+def test_ureader_variant_is_the_release_layout_in_float32(
+    tmp_path: Path, tiny_state: dict[str, torch.Tensor], tiny_config: OwlConfig
+) -> None:
+    from owl_desktop.model_family import CUT_EMBEDDING_H, CUT_EMBEDDING_W
+
+    out = tc.make_checkpoint(tmp_path / "ureader", "ureader", seed=0)
+    names = sorted(p.name for p in out.iterdir())
+    shards = [f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3)]
+    side = ["config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json"]
+    assert names == sorted([*side, *shards, "pytorch_model.bin.index.json"])  # as on Mizukiluke/ureader-v1
+    index = json.loads((out / "pytorch_model.bin.index.json").read_text())
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        part = torch.load(out / shard, weights_only=True)
+        assert part and all(index["weight_map"][k] == shard for k in part)
+        state.update(part)
+    assert sorted(state) == sorted(index["weight_map"]) == sorted([*tiny_state, CUT_EMBEDDING_H, CUT_EMBEDDING_W])
+    assert all(t.dtype == torch.float32 for t in state.values())
+    for name, tensor in tiny_state.items():  # the same draws as the bf16 checkpoint, stored wider
+        if tensor.dtype == torch.bfloat16:
+            assert torch.equal(state[name].bfloat16(), tensor), name
+    for name in (CUT_EMBEDDING_H, CUT_EMBEDDING_W):
+        table = state[name]
+        assert table.shape == (15, tiny_config.abstractor.hidden_size)
+        assert 0.4 < table.std().item() < 0.6 and table.abs().sum(-1).min() > 0  # every row is random
+    assert not torch.equal(state[CUT_EMBEDDING_H], state[CUT_EMBEDDING_W])
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in state.values())
+
+
 def test_rebuilding_another_variant_leaves_no_stale_weights(tmp_path: Path) -> None:
     out = tc.make_checkpoint(tmp_path / "re", "sharded")
     tc.make_checkpoint(out, "safetensors")

@@ -1,4 +1,9 @@
-"""The torch vision tower against a per-head, loop-by-loop restatement of the reference maths written here."""
+"""The torch vision tower against a per-head, loop-by-loop restatement of the reference maths written here.
+
+UReader's tower is the same, plus a crop position vector (cut_patch_embedding_h[row] + cut_patch_embedding_w[col])
+· 0.5 added to the 64 query outputs of each view before visual_fc (UReader/mplug_owl/modeling_mplug_owl.py,
+MplugOwlVisualAbstractorModel.forward, patch_pos_embed_type "post"); the restatement takes an optional position.
+"""
 
 from __future__ import annotations
 
@@ -34,14 +39,16 @@ def tiny_config(vision_eps: float = 1e-6, abstractor_eps: float = 1e-6) -> OwlCo
     )
 
 
-def random_state_dict(config: OwlConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_state_dict(config: OwlConfig, seed: int = 0, crop_positions: int = 0) -> dict[str, torch.Tensor]:
     """Every tensor random: LayerNorms ~N(1,0.1)/N(0,0.1), learned vectors and embeddings too."""
     g = torch.Generator().manual_seed(seed)
     norm_names = ("layernorm", "norm1", "normk", "norm2", "ffn_ln")
     out = {}
-    for name, t in OwlVision(config).state_dict().items():
+    for name, t in OwlVision(config, crop_positions).state_dict().items():
         is_norm = any(f".{n}." in name for n in norm_names)
-        if is_norm and name.endswith(".weight"):
+        if ".cut_patch_embedding_" in name:  # crop position tables: as large as the other learned vectors
+            out[name] = 0.5 * torch.randn(t.shape, generator=g)
+        elif is_norm and name.endswith(".weight"):
             out[name] = 1.0 + 0.1 * torch.randn(t.shape, generator=g)
         elif is_norm:
             out[name] = 0.1 * torch.randn(t.shape, generator=g)
@@ -73,7 +80,9 @@ def _softmax(s: torch.Tensor) -> torch.Tensor:
     return e / e.sum(-1, keepdim=True)
 
 
-def reference_image_rows(sd32: dict[str, torch.Tensor], cfg: OwlConfig, px: torch.Tensor) -> torch.Tensor:
+def reference_image_rows(
+    sd32: dict[str, torch.Tensor], cfg: OwlConfig, px: torch.Tensor, position: tuple[int, int] | None = None
+) -> torch.Tensor:
     sd = {k: v.double() for k, v in sd32.items()}
     v_cfg, a_cfg = cfg.vision, cfg.abstractor
     d, p = v_cfg.hidden_size, v_cfg.patch_size
@@ -124,6 +133,13 @@ def reference_image_rows(sd32: dict[str, torch.Tensor], cfg: OwlConfig, px: torc
         a = _lin(u, sd, f"{pre}.output.mlp.w1")
         gated = a / (1.0 + torch.exp(-a)) * _lin(u, sd, f"{pre}.output.mlp.w3")
         hq = h + _lin(_ln(gated, sd, f"{pre}.output.mlp.ffn_ln", a_cfg.layer_norm_eps), sd, f"{pre}.output.mlp.w2")
+    if position is not None:  # UReader: the view's crop position vector, on every query row
+        row, col = position
+        hq = (
+            hq
+            + (sd["abstractor.cut_patch_embedding_h.weight"][row] + sd["abstractor.cut_patch_embedding_w.weight"][col])
+            * 0.5
+        )
     out = _lin(hq, sd, "abstractor.visual_fc")  # [64, n_embd]
     return torch.cat([out, sd["abstractor.vit_eos"][0]])  # [65, n_embd]
 
@@ -281,3 +297,50 @@ def test_encode_reports_progress_and_cancels(tiny) -> None:
     token.cancel()
     with pytest.raises(Cancelled):
         enc.encode(px, task=Task(cancel=token))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# UReader: the same tower with crop position vectors
+
+
+def test_ureader_views_match_reference_maths() -> None:
+    cfg = tiny_config()
+    sd = random_state_dict(cfg, seed=4, crop_positions=15)
+    model = OwlVision(cfg, crop_positions=15).eval()
+    model.load_state_dict(sd, strict=True)
+    px = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    positions = torch.tensor([[11, 11], [0, 0], [1, 2]])  # a global view and two crops
+    with torch.no_grad():
+        got = model(px, positions)
+        plain = model(px)  # no position vectors: what an mPLUG-Owl tower of the same weights gives
+    for b in range(3):
+        want = reference_image_rows(sd, cfg, px[b], tuple(positions[b].tolist()))
+        assert (got[b].double() - want).abs().max().item() <= 1e-4
+    # the vectors move the 64 query rows (visibly), never the view's own vit_eos row
+    assert (got[:, :64] - plain[:, :64]).abs().amax(dim=(1, 2)).min() > 0.1
+    torch.testing.assert_close(got[:, 64], plain[:, 64], rtol=0, atol=0)
+
+
+def test_ureader_encoder_batches_views_and_checks_positions(tmp_path) -> None:
+    cfg = tiny_config()
+    sd = random_state_dict(cfg, seed=6, crop_positions=15)
+    path = tmp_path / "vision.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    enc = VisionEncoder.from_file(path, cfg, device="cpu", dtype="fp32", crop_positions=15)
+    assert enc.takes_positions
+    px = torch.randn(21, 3, 224, 224, generator=torch.Generator().manual_seed(7))  # a 4×5 grid + global view
+    pos = np.array([[11, 11]] + [[r, c] for r in range(4) for c in range(5)])
+    batch = enc.encode(px, batch_size=21, positions=pos)
+    singles = np.concatenate([enc.encode(px[i : i + 1], positions=pos[i : i + 1]) for i in (0, 7, 20)])
+    np.testing.assert_allclose(batch[[0, 7, 20]], singles, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the"):
+        enc.encode(px[:1])
+    with pytest.raises(ValueError, match="0..14"):
+        enc.encode(px[:1], positions=np.array([[15, 0]]))
+    with pytest.raises(ValueError, match="shape"):
+        enc.encode(px[:2], positions=pos[:1])
+    with pytest.raises(BundleError, match="unexpected tensor 'abstractor.cut_patch_embedding"):
+        VisionEncoder.from_file(path, cfg, device="cpu")  # the tables need a UReader tower
+    owl = VisionEncoder.from_state_dict(random_state_dict(cfg), cfg, device="cpu", dtype="fp32")
+    with pytest.raises(ValueError, match="no crop positions"):
+        owl.encode(px[:1], positions=pos[:1])

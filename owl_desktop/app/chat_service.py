@@ -478,8 +478,9 @@ def _record_meta(record: AnswerRecord) -> dict[str, Any]:
         "context_size": record.context_size,
         "reused_positions": record.reused_positions,
         "dropped_turns": record.dropped_turns,
+        "notices": list(record.notices),
         "images": [
-            {"name": t.name, "sha256": t.sha256, "encode_ms": round(t.encode_ms, 1), "cached": t.cached}
+            {"name": t.name, "sha256": t.sha256, "encode_ms": round(t.encode_ms, 1), "cached": t.cached, "grid": t.grid}
             for t in record.images
         ],
     }

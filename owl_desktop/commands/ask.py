@@ -48,6 +48,8 @@ def print_notes(record: Any, stream: Any = None) -> None:
     stream = stream or sys.stderr
     if record.dropped_turns:
         print(f"[{record.dropped_turns} earlier turn(s) left out to fit the context]", file=stream)
+    for notice in getattr(record, "notices", ()):
+        print(f"[{notice}]", file=stream)
     if record.stop_reason == "length":
         print("[answer cut at the token limit]", file=stream)
 
@@ -57,11 +59,19 @@ def record_json(record: Any) -> dict[str, Any]:
         "answer": record.text,
         "token_ids": record.token_ids,
         "dropped_turns": record.dropped_turns,
+        "notices": list(record.notices),
         "stop_reason": record.stop_reason,
         "seed": record.seed,
         "timings": {
             "images": [
-                {"name": t.name, "sha256": t.sha256, "encode_ms": round(t.encode_ms, 2), "cached": t.cached}
+                {
+                    "name": t.name,
+                    "sha256": t.sha256,
+                    "encode_ms": round(t.encode_ms, 2),
+                    "cached": t.cached,
+                    "views": t.views,
+                    "grid": t.grid,
+                }
                 for t in record.images
             ],
             "prefill_ms": round(record.prefill_ms, 2),

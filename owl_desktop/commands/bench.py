@@ -43,9 +43,13 @@ def register_vision(benchmarks: argparse._SubParsersAction) -> None:
             "Builds the full-size mPLUG-Owl v1 vision tower (ViT-L/14, 24 layers; abstractor, 6 layers; 4096-wide "
             "output) with random weights of the real shapes and times VisionEncoder.encode in each dtype the device "
             "offers, at each batch size. Reports the largest output difference of each dtype against fp32 and the "
-            "dtype the default settings choose. Leaves torch's thread count alone unless --threads is given."
+            "dtype the default settings choose. Leaves torch's thread count alone unless --threads is given. "
+            "With --family ureader: the encode time of a full 20-crop document (one batch of 21 views) against the "
+            "same 20 crops as separate images and against one mPLUG-Owl image, in one dtype (the first of --dtypes, "
+            "else the default)."
         ),
     )
+    p.add_argument("--family", choices=("mplug-owl", "ureader"), default="mplug-owl", help="default: mplug-owl")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "fp16", "bf16"), help="dtypes to time (default: offered)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4], metavar="B", help="default: 1 4")
@@ -75,6 +79,12 @@ def run_vision(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.family == "ureader":
+        from owl_desktop.engine import crop_bench
+
+        dtype = args.dtypes[0] if args.dtypes else "auto"
+        print(crop_bench.run(args.device, dtype, repeats=args.repeats, seed=args.seed).report())
+        return 0
     device = vision.select_device(args.device)
     default_dtype = vision.dtype_name(vision.select_dtype(device, "auto"))
     dtypes = args.dtypes or offered_dtypes(device)

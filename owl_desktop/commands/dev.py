@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 # Kept in sync with owl_desktop.devtools.tiny_checkpoint (not imported here: torch loads only when a command runs).
-_VARIANTS = ("bin", "sharded", "safetensors", "sharded-safetensors", "lora")
+_VARIANTS = ("bin", "sharded", "safetensors", "sharded-safetensors", "lora", "ureader")
 _PRESETS = ("tiny", "slow", "bench", "7b")  # devtools.tiny_checkpoint.PRESETS, without importing torch for --help
 
 
@@ -18,9 +18,11 @@ def register(sub: Any) -> None:
     dev_sub = parser.add_subparsers(dest="dev_command", metavar="DEV_COMMAND")
     make = dev_sub.add_parser(
         "make-checkpoint",
-        help="write a random mPLUG-Owl checkpoint in the release's layout",
+        help="write a random mPLUG-Owl or UReader checkpoint in the release's layout",
         description="Write a random mPLUG-Owl checkpoint (config.json, bf16 weights, tokenizer.model, ...) "
-        "laid out like MAGAer13/mplug-owl-llama-7b. The lora variant also writes a peft adapter to OUT-lora.",
+        "laid out like MAGAer13/mplug-owl-llama-7b. The lora variant also writes a peft adapter to OUT-lora. "
+        "The ureader variant is laid out like Mizukiluke/ureader-v1: three float32 shards with an index, and the "
+        "abstractor's crop position tables.",
     )
     make.add_argument("out", type=Path, metavar="OUT", help="directory to write (created if missing)")
     make.add_argument("--variant", choices=_VARIANTS, default="bin", help="file layout (default: bin)")

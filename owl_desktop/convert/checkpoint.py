@@ -1,4 +1,4 @@
-"""Find, validate and read a Hugging Face mPLUG-Owl checkpoint, one tensor at a time.
+"""Find, validate and read a Hugging Face mPLUG-Owl (or UReader) checkpoint, one tensor at a time.
 
 Formats: `pytorch_model.bin` (a torch zip pickle), sharded `.bin` with `pytorch_model.bin.index.json`, and
 `model.safetensors` (single or sharded with `model.safetensors.index.json`).
@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
-from owl_desktop.convert.layout import Layout, Shape, expected_tensors, is_dropped_tensor
+from owl_desktop.convert.layout import Layout, Shape, expected_tensors, family_of, is_dropped_tensor
 from owl_desktop.convert.pages import FileMappings
 from owl_desktop.errors import CheckpointError
 from owl_desktop.model_config import OwlConfig
@@ -176,6 +176,7 @@ class Checkpoint:
     format: str  # "bin", "sharded-bin", "safetensors" or "sharded-safetensors"
     layout: Layout
     tensors: dict[str, TensorMeta]  # full HF names, dropped buffers excluded
+    family: str = "mplug-owl"  # or "ureader": found from the tensors (model_family.py)
     _files: list[_WeightsFile] = field(repr=False, default_factory=list)
     _owner: dict[str, _WeightsFile] = field(repr=False, default_factory=dict)
 
@@ -225,13 +226,15 @@ def open_checkpoint(src: Path) -> Checkpoint:
         for p in paths:
             files.append(_SafetensorsFile(p) if p.suffix == ".safetensors" else _PickleFile(p))
         owner, metas = _index_tensors(files, weight_map)
-        layout = expected_tensors(config, tied_embeddings=bool(raw.get("text_config", {}).get("tie_word_embeddings")))
+        family = family_of(metas)
+        tied = bool(raw.get("text_config", {}).get("tie_word_embeddings"))
+        layout = expected_tensors(config, tied_embeddings=tied, family=family)
         check_tensors(metas, layout)
     except BaseException:
         for f in files:
             f.close()
         raise
-    return Checkpoint(src, config, raw, tokenizer, fmt, layout, metas, files, owner)
+    return Checkpoint(src, config, raw, tokenizer, fmt, layout, metas, family=family, _files=files, _owner=owner)
 
 
 def _read_config(src: Path) -> dict[str, Any]:

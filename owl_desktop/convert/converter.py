@@ -1,4 +1,4 @@
-"""HF mPLUG-Owl checkpoint → model bundle, atomically.
+"""HF mPLUG-Owl (or UReader) checkpoint → model bundle, atomically.
 
     convert_checkpoint(src, out, quant="Q4_K_M", lora=None, task=None, bundle_id=None) -> out
 
@@ -6,7 +6,7 @@
 2. check the target and the free space (bundle + intermediate GGUF, estimated from the tensor sizes);
 3. in a temporary folder next to the target (same file system): vision.safetensors, the language model GGUF
    (F32/F16 directly; for Q8_0/Q5_K_M/Q4_K_M a BF16 or F16 GGUF first, then llama.cpp's quantizer), and
-   bundle.json last;
+   bundle.json last, with the model family the checkpoint's tensors reveal and that family's image plan;
 4. rename the folder into place. Any failure or cancel removes the temporary folder: no half bundle is left.
 
 Target rule: `out` may be missing, an empty folder, or a bundle with the same id made only of bundle files
@@ -92,7 +92,9 @@ def convert_checkpoint(
             source.update(format=ckpt.format, converter=f"owl-desktop {__version__}")
             if adapter is not None:
                 source["lora"] = adapter.summary()
-            write_manifest(work, bundle_id=bundle_id, quant=quant, config=ckpt.config, source=source, task=task)
+            write_manifest(
+                work, bundle_id=bundle_id, quant=quant, config=ckpt.config, source=source, task=task, family=ckpt.family
+            )
             task.check()
             task.report("installing bundle", 0, None)
             _install(work, out, replacing)

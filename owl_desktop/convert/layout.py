@@ -2,14 +2,17 @@
 
 `expected_tensors(config)` is the contract a source checkpoint must meet before anything is written: the same
 names, the same shapes, nothing missing and nothing unknown (only the rotary `inv_freq` buffers may appear and
-are dropped).
+are dropped). A UReader checkpoint (family "ureader") holds two more: the abstractor's crop position tables
+`abstractor.cut_patch_embedding_h/w.weight`, [15, D] each (mplug-owl-family.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from owl_desktop.model_config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
+from owl_desktop.model_family import CUT_EMBEDDING_H, CUT_EMBEDDING_ROWS, CUT_EMBEDDING_W, MPLUG_OWL, UREADER
 
 Shape = tuple[int, ...]
 
@@ -17,6 +20,7 @@ VISION_PREFIXES = ("vision_model.", "abstractor.")
 QUERY_TOKENS = "query_tokens"
 LLM_PREFIX = "language_model."
 INV_FREQ_SUFFIX = "rotary_emb.inv_freq"
+CROP_TABLES = (CUT_EMBEDDING_H, CUT_EMBEDDING_W)
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,17 @@ def is_dropped_tensor(name: str) -> bool:
     return name.endswith(INV_FREQ_SUFFIX)
 
 
-def expected_tensors(config: OwlConfig, *, tied_embeddings: bool = False) -> Layout:
+def family_of(names: Iterable[str]) -> str:
+    """The model family a checkpoint's tensor names reveal: UReader has crop position tables, mPLUG-Owl none."""
+    return UREADER if any(n in (CUT_EMBEDDING_H, CUT_EMBEDDING_W) for n in names) else MPLUG_OWL
+
+
+def expected_tensors(config: OwlConfig, *, tied_embeddings: bool = False, family: str = MPLUG_OWL) -> Layout:
     vision: dict[str, Shape] = {QUERY_TOKENS: (1, config.num_query_tokens, config.abstractor.hidden_size)}
     vision.update(_vision_model(config.vision))
     vision.update(_abstractor(config.abstractor, config.text.hidden_size))
+    if family == UREADER:
+        vision.update({name: (CUT_EMBEDDING_ROWS, config.abstractor.hidden_size) for name in CROP_TABLES})
     return Layout(vision=vision, llm=_language_model(config.text, tied_embeddings))
 
 

@@ -1,4 +1,4 @@
-"""Small random mPLUG-Owl checkpoints in the exact layout of the released `MAGAer13/mplug-owl-llama-7b`.
+"""Small random mPLUG-Owl (and UReader) checkpoints in the exact layout of the released ones.
 
 Used by the tests, the offline demo and the benchmarks: no real weights can be downloaded where they run.
 
@@ -15,6 +15,10 @@ Variants (`make_checkpoint(variant=...)`):
   "sharded-safetensors"  model-0000{1,2}-of-00002.safetensors + model.safetensors.index.json
   "lora"                 the "bin" checkpoint, plus a peft LoRA adapter for its language model written to the
                          sibling directory `lora_adapter_dir(out_dir)` (see make_lora_adapter)
+  "ureader"              a UReader checkpoint laid out like Mizukiluke/ureader-v1: float32 weights in three shards
+                         pytorch_model-0000{1,2,3}-of-00003.bin + pytorch_model.bin.index.json, the abstractor's two
+                         crop position tables (`abstractor.cut_patch_embedding_h/w.weight`, [15, D], random), and
+                         only config.json, generation_config.json, tokenizer.model and tokenizer_config.json beside
 
 The state dict is built directly from the key list of the reference implementation (reference §2.3), with shapes
 derived from an OwlConfig; no model code of ours is instantiated, so tests can check our modules against it.
@@ -39,12 +43,16 @@ from typing import Any
 
 import torch
 
+from owl_desktop.convert.layout import CROP_TABLES
 from owl_desktop.devtools.tokenizer_corpus import corpus_lines
 from owl_desktop.errors import CheckpointError
 from owl_desktop.model_config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
+from owl_desktop.model_family import CUT_EMBEDDING_ROWS, MPLUG_OWL, UREADER
 from owl_desktop.tasks import Task
 
-VARIANTS: tuple[str, ...] = ("bin", "sharded", "safetensors", "sharded-safetensors", "lora")
+VARIANTS: tuple[str, ...] = ("bin", "sharded", "safetensors", "sharded-safetensors", "lora", "ureader")
+UREADER_SHARDS = 3
+UREADER_SIDE_FILES = ("generation_config.json", "tokenizer_config.json")  # besides config.json, tokenizer.model
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -195,7 +203,8 @@ PRESETS: dict[str, Preset] = {
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One state-dict entry: kind "normal" is drawn N(mean, std^2) in bf16, "inv_freq" is the fp32 rotary buffer."""
+    """One state-dict entry: kind "normal" is drawn N(mean, std^2) and stored in `weight_dtype` (bf16 unless the
+    variant says otherwise), "inv_freq" is the fp32 rotary buffer."""
 
     name: str
     shape: tuple[int, ...]
@@ -203,14 +212,15 @@ class TensorSpec:
     mean: float = 0.0
     std: float = 0.0
     theta: float = 10000.0
+    weight_dtype: torch.dtype = DTYPE
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float32 if self.kind == "inv_freq" else DTYPE
+        return torch.float32 if self.kind == "inv_freq" else self.weight_dtype
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * (4 if self.kind == "inv_freq" else 2)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _normal(name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> TensorSpec:
@@ -303,14 +313,21 @@ def language_model_specs(cfg: TextConfig) -> list[TensorSpec]:
     return specs
 
 
-def checkpoint_specs(config: OwlConfig) -> list[TensorSpec]:
-    """Every state-dict entry of an mPLUG-Owl checkpoint with this config, in the release's order."""
+def crop_position_specs(cfg: AbstractorConfig) -> list[TensorSpec]:
+    """UReader's crop position tables: two Embedding(15, D) weights, after visual_fc as the model registers them."""
+    return [_normal(name, (CUT_EMBEDDING_ROWS, cfg.hidden_size), VISION_EMBED_STD) for name in CROP_TABLES]
+
+
+def checkpoint_specs(config: OwlConfig, family: str = MPLUG_OWL) -> list[TensorSpec]:
+    """Every state-dict entry of an mPLUG-Owl (or UReader) checkpoint with this config, in the release's order."""
     if config.abstractor.encoder_hidden_size != config.vision.hidden_size:
         raise ValueError("the abstractor's encoder_hidden_size must equal the vision hidden size")
+    crop_tables = crop_position_specs(config.abstractor) if family == UREADER else []
     return [
         _normal("query_tokens", (1, config.num_query_tokens, config.abstractor.hidden_size), VISION_EMBED_STD),
         *vision_specs(config.vision),
         *abstractor_specs(config.abstractor, config.text.hidden_size),
+        *crop_tables,
         *language_model_specs(config.text),
     ]
 
@@ -326,7 +343,7 @@ def make_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
         head_dim = spec.shape[0] * 2
         return 1.0 / spec.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [hd / 2]
     values = torch.randn(spec.shape, generator=_generator(seed, spec.name), dtype=torch.float32)
-    return (values * spec.std + spec.mean).to(DTYPE)
+    return (values * spec.std + spec.mean).to(spec.dtype)
 
 
 def iter_tensors(specs: Iterable[TensorSpec], seed: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -334,9 +351,9 @@ def iter_tensors(specs: Iterable[TensorSpec], seed: int) -> Iterator[tuple[str, 
         yield spec.name, make_tensor(spec, seed)
 
 
-def random_state_dict(config: OwlConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_state_dict(config: OwlConfig, seed: int = 0, family: str = MPLUG_OWL) -> dict[str, torch.Tensor]:
     """The whole random state dict in memory (fine for small configs)."""
-    return dict(iter_tensors(checkpoint_specs(config), seed))
+    return dict(iter_tensors(checkpoint_specs(config, family), seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,7 +422,7 @@ def _text_config_dict(cfg: TextConfig) -> dict[str, Any]:
     }
 
 
-def hf_config_dict(config: OwlConfig) -> dict[str, Any]:
+def hf_config_dict(config: OwlConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
     """config.json of a checkpoint with this config, shaped like the release's."""
     v, a = config.vision, config.abstractor
     vision = {
@@ -448,7 +465,7 @@ def hf_config_dict(config: OwlConfig) -> dict[str, Any]:
         "model_type": "mplug-owl",
         "num_query_tokens": config.num_query_tokens,
         "text_config": text,
-        "torch_dtype": "bfloat16",
+        "torch_dtype": torch_dtype,
         "transformers_version": "4.28.1",
         "use_decoder_only_language_model": True,
         "vision_config": vision,
@@ -515,17 +532,16 @@ def _write_json(path: Path, obj: Any) -> None:
     _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def _split_in_two(specs: list[TensorSpec]) -> list[list[TensorSpec]]:
-    """Two shards of about equal bytes, keys in order (like transformers' shard_checkpoint)."""
-    half = sum(s.nbytes for s in specs) / 2
-    first: list[TensorSpec] = []
+def _split(specs: list[TensorSpec], n: int) -> list[list[TensorSpec]]:
+    """n shards of about equal bytes, keys in order (like transformers' shard_checkpoint)."""
+    total = sum(s.nbytes for s in specs)
+    shards: list[list[TensorSpec]] = [[] for _ in range(n)]
     done = 0
     for spec in specs:
-        if done >= half:
-            break
-        first.append(spec)
+        # a shard closes once the bytes before it reach its share; the last one takes the rest
+        shards[min(n - 1, int(done * n // total))].append(spec)
         done += spec.nbytes
-    return [first, specs[len(first) :]]
+    return [shard for shard in shards if shard]
 
 
 class _TensorWriter:
@@ -565,7 +581,7 @@ def _write_weights(out_dir: Path, specs: list[TensorSpec], variant: str, seed: i
         writer.save(specs, out_dir / ("model.safetensors" if safetensors else "pytorch_model.bin"), safetensors)
         return
     stem, ext = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
-    shards = _split_in_two(specs)
+    shards = _split(specs, UREADER_SHARDS if variant == "ureader" else 2)
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, start=1):
         name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
@@ -606,9 +622,10 @@ def lora_adapter_dir(checkpoint_dir: Path) -> Path:
 def make_checkpoint(
     out_dir: Path, variant: str = "bin", *, preset: str = "tiny", seed: int = 0, task: Task | None = None
 ) -> Path:
-    """Write a random mPLUG-Owl checkpoint in the release's layout into out_dir and return out_dir.
+    """Write a random mPLUG-Owl (or UReader) checkpoint in the release's layout into out_dir and return out_dir.
 
-    variant: see the module docstring. preset: "tiny" (tests) or "bench" (~3 GB). Same seed, same tensors.
+    variant: see the module docstring. preset: "tiny" (tests) or "bench" (~3 GB). Same seed, same tensors (a UReader
+    checkpoint holds the same tensors in float32, plus its crop position tables).
     For "lora", the adapter goes to `lora_adapter_dir(out_dir)` (made with make_lora_adapter, seed + 1).
     """
     if variant not in VARIANTS:
@@ -617,12 +634,19 @@ def make_checkpoint(
     task = task or Task()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ureader = variant == "ureader"
     train_tokenizer(out_dir / "tokenizer.model", config.text.vocab_size)
-    _write_json(out_dir / "config.json", hf_config_dict(config))
+    _write_json(out_dir / "config.json", hf_config_dict(config, "float32" if ureader else "bfloat16"))
     for name, obj in tokenizer_side_files(config).items():
-        _write_json(out_dir / name, obj)
+        if ureader and name not in UREADER_SIDE_FILES:
+            (out_dir / name).unlink(missing_ok=True)  # the UReader release has no such file
+        else:
+            _write_json(out_dir / name, obj)
     _remove_stale_weights(out_dir)
-    _write_weights(out_dir, checkpoint_specs(config), variant, seed, task)
+    specs = checkpoint_specs(config, UREADER if ureader else MPLUG_OWL)
+    if ureader:
+        specs = [dataclasses.replace(spec, weight_dtype=torch.float32) for spec in specs]
+    _write_weights(out_dir, specs, variant, seed, task)
     if variant == "lora":
         make_lora_adapter(out_dir, lora_adapter_dir(out_dir), seed=seed + 1)
     return out_dir

@@ -1,6 +1,7 @@
 """Image rows from the vision tower, cached in memory (LRU) and on disk, so no image is ever encoded twice.
 
 <cache>/encodes/<encoder key>/<image sha256>.npy   float32 rows, one file per image
+<cache>/encodes/<encoder key>/<sha256>-<R>x<C>.npy  a cropping model's rows of one image at one grid (UReader)
 
 The encoder key is a hash of what an encode depends on: the vision weights (their sha256 in bundle.json) and the
 compute dtype. A re-converted bundle or another dtype gets another folder, so stale rows are never reused. Files are
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +40,33 @@ def encoder_key(vision_sha256: str, dtype: str, plan: str = "") -> str:
     return sha256_bytes(f"{vision_sha256}|{dtype}|{plan}".encode())[:24]
 
 
-class EncodeCache:
-    """Rows by image sha256 for one encoder key: an LRU in memory, backed by .npy files."""
+def plan_key(plan: Mapping[str, object]) -> str:
+    """A stable text for an image plan (bundle.json's `image_plan`), to go into encoder_key."""
+    return json.dumps(plan, sort_keys=True, separators=(",", ":"))
 
-    def __init__(self, key: str, capacity: int, on_disk: bool, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> None:
+
+class EncodeCache:
+    """Rows by image sha256 (or sha256-RxC) for one encoder key: an LRU in memory, backed by .npy files.
+
+    The memory side holds at most `capacity` entries and `capacity` × `rows_per_entry` rows, so a UReader document's
+    rows (up to 21 views × 65, 22 MB at the 7B width) count for what they weigh.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        capacity: int,
+        on_disk: bool,
+        limit_bytes: int = DEFAULT_LIMIT_BYTES,
+        rows_per_entry: int = 65,
+    ) -> None:
         self.key = key
         self.capacity = capacity
+        self.max_rows = capacity * rows_per_entry
         self.on_disk = on_disk
         self.limit_bytes = limit_bytes
         self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._rows = 0
         self._writes = 0
 
     def _file(self, sha: str) -> Path:
@@ -82,10 +102,12 @@ class EncodeCache:
             prune(self.limit_bytes)
 
     def _remember(self, sha: str, rows: np.ndarray) -> None:
+        old = self._mem.pop(sha, None)
+        self._rows += len(rows) - (0 if old is None else len(old))
         self._mem[sha] = rows
-        self._mem.move_to_end(sha)
-        while len(self._mem) > self.capacity:
-            self._mem.popitem(last=False)
+        while len(self._mem) > 1 and (len(self._mem) > self.capacity or self._rows > self.max_rows):
+            _, dropped = self._mem.popitem(last=False)
+            self._rows -= len(dropped)
 
 
 def _entries() -> list[tuple[float, int, Path]]:
@@ -118,7 +140,7 @@ def forget(shas: Iterable[str]) -> int:
     for sha in shas:
         if not _SHA.match(sha):
             continue
-        for f in root().glob(f"*/{sha}.npy"):
+        for f in [*root().glob(f"*/{sha}.npy"), *root().glob(f"*/{sha}-*x*.npy")]:
             with contextlib.suppress(OSError):
                 f.unlink()
                 removed += 1

@@ -2,28 +2,39 @@
 
 Images are encoded through a cache keyed by (image sha256, bundle id), in memory and on disk, so the same image
 is never encoded twice; the LLM keeps its KV cache between calls, so a follow-up question only prefills what is new.
+
+The bundle's image plan decides what an image becomes (model_family.py, engine/doc_crops.py): one 224×224 view
+(mPLUG-Owl, 65 positions), or a global view plus the crops of a grid chosen from the image's size (UReader,
+65 per view); a UReader image's views run through the vision tower as one batch and are cached per (image, grid).
+Several UReader images in one conversation each get their own grid and crop positions: the model code computes
+exactly that when handed every image's positions (the reference processor passes only the last image's and fails),
+though the model was trained with one image per prompt. When the current turn cannot fit the context, its images
+take smaller grids, and `AnswerRecord.notices` says so.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from owl_desktop import bundle as bundle_mod
 from owl_desktop.bundle import Bundle
 from owl_desktop.engine import encode_cache
 from owl_desktop.engine import prompt as prompt_mod
+from owl_desktop.engine.doc_crops import ViewLayout, detail_levels, plan_views, view_pixels
 from owl_desktop.engine.llm import Embeddings, GenerationStats, LlamaEngine, LlmSettings, Sampling, Segment, Tokens
 from owl_desktop.engine.preprocess import PreparedImage, preprocess
 from owl_desktop.engine.vision import VisionEncoder, dtype_name
 from owl_desktop.errors import ImageError, PromptError
 from owl_desktop.hashing import sha256_bytes
-from owl_desktop.image_intake import read_source
+from owl_desktop.image_intake import decode, read_source
+from owl_desktop.model_family import CUT_EMBEDDING_ROWS
 from owl_desktop.tasks import CancelToken, Task
 
 
@@ -45,7 +56,7 @@ class EngineSettings:
     vision_device: str = "auto"  # auto | cuda | mps | cpu
     vision_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     disk_cache: bool = True  # keep image encodes in the cache dir across runs
-    memory_cache_images: int = 64
+    memory_cache_images: int = 64  # in-memory encodes: this many mPLUG-Owl images' rows (a UReader image holds 2-21x)
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,9 @@ class ImageTiming:
     sha256: str
     encode_ms: float  # 0 when the encode came from the cache
     cached: bool
+    views: int = 1  # views encoded for this image (UReader: 1 + rows·cols)
+    grid: str = ""  # UReader: the crop grid used, e.g. "4×5"
+    full_grid: str = ""  # UReader: the grid it would get with room to spare, when a smaller one was used
 
 
 @dataclass
@@ -80,6 +94,7 @@ class AnswerRecord:
     encode_ms: float = 0.0  # images encoded for this answer (0 when every one came from the cache)
     stop_reason: str = ""
     seed: int = 0
+    notices: list[str] = field(default_factory=list)  # e.g. an image read with a smaller grid to fit the context
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,7 +129,11 @@ class ChatPipeline:
         self.bundle = bundle
         self.settings = settings or EngineSettings()
         self.vision = VisionEncoder.from_file(
-            bundle.vision_path, bundle.config, device=self.settings.vision_device, dtype=self.settings.vision_dtype
+            bundle.vision_path,
+            bundle.config,
+            device=self.settings.vision_device,
+            dtype=self.settings.vision_dtype,
+            crop_positions=CUT_EMBEDDING_ROWS if bundle.image_plan.crops else 0,
         )
         self.llm = LlamaEngine(bundle.llm_path, self.settings.llm)
         if self.llm.n_embd != bundle.config.text.hidden_size:
@@ -123,8 +142,17 @@ class ChatPipeline:
                 f"bundle {bundle.id}: the LLM is {self.llm.n_embd} wide but the vision output is "
                 f"{bundle.config.text.hidden_size}; the bundle is inconsistent, convert it again"
             )
-        key = encode_cache.encoder_key(bundle.files[bundle_mod.VISION_FILE].sha256, dtype_name(self.vision.dtype))
-        self._cache = encode_cache.EncodeCache(key, self.settings.memory_cache_images, self.settings.disk_cache)
+        plan = bundle.image_plan
+        key = encode_cache.encoder_key(
+            bundle.files[bundle_mod.VISION_FILE].sha256,
+            dtype_name(self.vision.dtype),
+            encode_cache.plan_key(plan.to_dict()) if plan.crops else "",
+        )
+        self._cache = encode_cache.EncodeCache(
+            key, self.settings.memory_cache_images, self.settings.disk_cache, rows_per_entry=bundle.config.image_rows
+        )
+        self._levels = detail_levels(plan)  # most crops per image at each level of detail
+        self._sizes: dict[str, tuple[int, int]] = {}  # image sha256 → decoded (width, height): the grid choice
         self._request = CancelToken()  # the current request's: cancel() stops it at whatever stage it is in
         # the answer ends where the model starts the template's next turn, before it can write the user's line
         self._stop_texts = ("\n" + bundle.prompt.human.strip(), "\n" + bundle.prompt.ai.strip())
@@ -160,12 +188,53 @@ class ChatPipeline:
         return self._cache.get(sha256) is not None
 
     def image_rows(self, image: ImageSource) -> np.ndarray:
-        """The 65 rows one image contributes to the LLM ([65, n_embd] float32), through the cache."""
-        prepared = image if isinstance(image, PreparedImage) else preprocess(image)
+        """The rows one image contributes to the LLM at full detail, through the cache: [65, n_embd] float32 for
+        mPLUG-Owl, [65 · views, n_embd] for UReader (the global view's rows first, then each crop's)."""
+        if self.bundle.image_plan.crops:
+            data, label = _raw(image)
+            sha = sha256_bytes(data)
+            decoded = self._learn_sizes({sha: (data, label)})
+            img = decoded[sha] if sha in decoded else None
+            return self._encode_views(sha, label, self.layout(sha), lambda: img or decode(data, label))[1]
+        prepared = image if isinstance(image, PreparedImage) else _prepare(_read(image))
         self.encode_images([prepared])
         rows = self._cache.get(prepared.sha256)
         assert rows is not None
         return rows
+
+    def layout(self, sha: str, level: int = 0) -> ViewLayout:
+        """The views of an image already seen by this pipeline, at a level of detail (0 = full)."""
+        width, height = self._sizes[sha]
+        return plan_views(width, height, self.bundle.image_plan, self._levels[level])
+
+    @staticmethod
+    def _views_key(sha: str, layout: ViewLayout) -> str:
+        grid = layout.grid
+        return sha if grid is None else f"{sha}-{grid.rows}x{grid.cols}"
+
+    def _encode_views(
+        self,
+        sha: str,
+        name: str,
+        layout: ViewLayout,
+        load: Callable[[], Image.Image],
+        task: Task | None = None,
+    ) -> tuple[ImageTiming, np.ndarray]:
+        """One image's rows [V · 65, n_embd] (UReader): from the cache, or its views encoded in one batch."""
+        key = self._views_key(sha, layout)
+        timing = ImageTiming(name, sha, 0.0, True, layout.n_views, str(layout.grid or ""))
+        rows = self._cache.get(key)
+        if rows is not None:
+            return timing, rows
+        t0 = time.perf_counter()
+        pixels = view_pixels(load(), layout)  # [V, 3, 224, 224]
+        positions = np.asarray(layout.positions)  # [V, 2]
+        views = self.vision.encode(pixels, batch_size=len(pixels), task=task, positions=positions)
+        rows = np.ascontiguousarray(views.reshape(-1, views.shape[-1]))  # [V · 65, n_embd]
+        self._cache.put(key, rows)
+        timing.encode_ms = (time.perf_counter() - t0) * 1000
+        timing.cached = False
+        return timing, rows
 
     # ---------------------------------------------------------------- chat
 
@@ -186,7 +255,7 @@ class ChatPipeline:
         `drop_old_turns` False a conversation that does not fit raises ContextFull instead of losing turns.
         """
         # each file is read once: the bytes that were hashed are the bytes that get encoded
-        keyed: dict[str, PreparedImage | HashedImage | tuple[bytes, str]] = {}
+        keyed: dict[str, _Keyed] = {}
 
         def keys_of(sources: Sequence[ImageSource]) -> list[str]:
             out = []
@@ -205,6 +274,10 @@ class ChatPipeline:
 
         turns = [prompt_mod.Turn(keys_of(h.images), h.question, h.answer) for h in history]
         turns.append(prompt_mod.Turn(keys_of(images), question))
+        crops = self.bundle.image_plan.crops
+        decoded = self._learn_sizes(keyed, task) if crops else {}
+        rows_per_view = self.bundle.config.image_rows
+        levels = range(len(self._levels))
         prompt = prompt_mod.build_prompt(
             turns,
             self.llm.tokenize,
@@ -212,10 +285,30 @@ class ChatPipeline:
             system=system,
             n_ctx=self.llm.n_ctx,
             max_new_tokens=max_new_tokens,
-            image_rows=self.bundle.config.image_rows,
+            image_rows=self._rows_at(0, rows_per_view) if crops else rows_per_view,
+            reduced_image_rows=[self._rows_at(level, rows_per_view) for level in levels[1:]],
             bos_id=self.bundle.config.text.bos_token_id,
             drop_old_turns=drop_old_turns,
         )
+        if crops:
+            timings, encoded = self._encode_prompt_views(prompt, keyed, decoded, task)
+        else:
+            timings = self._encode_prompt_images(prompt, keyed, task)
+            encoded = {}
+        segments: list[Segment] = []
+        for seg in prompt.segments:
+            if isinstance(seg, prompt_mod.TextSegment):
+                segments.append(Tokens(seg.ids))
+                continue
+            key, rows = encoded.get((seg.image_key, seg.level)) or (seg.image_key, self._cache.get(seg.image_key))
+            assert rows is not None and rows.shape[0] == seg.rows
+            segments.append(Embeddings(rows, f"{self.bundle.id}:{key}"))
+        return prompt, segments, timings
+
+    def _encode_prompt_images(
+        self, prompt: prompt_mod.Prompt, keyed: dict[str, _Keyed], task: Task | None
+    ) -> list[ImageTiming]:
+        """mPLUG-Owl: encode the prompt's images the cache lacks, in one batch."""
         timings: list[ImageTiming] = []
         to_encode: list[PreparedImage] = []
         for sha in dict.fromkeys(prompt.image_keys):
@@ -230,15 +323,58 @@ class ChatPipeline:
         timings += self.encode_images(to_encode, task)
         order = {sha: i for i, sha in enumerate(dict.fromkeys(prompt.image_keys))}
         timings.sort(key=lambda t: order[t.sha256])
-        segments: list[Segment] = []
+        return timings
+
+    def _learn_sizes(self, keyed: dict[str, _Keyed], task: Task | None = None) -> dict[str, Image.Image]:
+        """UReader: the size of every image of the conversation (its grid, hence its cost, depends on it).
+
+        Images not seen before are decoded here (bad files fail here, before anything runs); those decodes are
+        returned for the encode that may follow. A PreparedImage is refused: crops need the image itself.
+        """
+        decoded: dict[str, Image.Image] = {}
+        for sha, src in keyed.items():
+            if isinstance(src, PreparedImage):
+                _raw(src)  # raises
+            if sha in self._sizes:
+                continue
+            if task is not None:
+                task.check()
+            data, label = _raw(src)
+            decoded[sha] = decode(data, label)
+            self._sizes[sha] = decoded[sha].size
+        return decoded
+
+    def _rows_at(self, level: int, rows_per_view: int) -> Callable[[str], int]:
+        return lambda sha: self.layout(sha, level).rows(rows_per_view)
+
+    def _encode_prompt_views(
+        self,
+        prompt: prompt_mod.Prompt,
+        keyed: dict[str, _Keyed],
+        decoded: dict[str, Image.Image],
+        task: Task | None,
+    ) -> tuple[list[ImageTiming], dict[tuple[str, int], tuple[str, np.ndarray]]]:
+        """UReader: each image of the prompt at its level of detail → (its cache key, its rows), encoded if need be."""
+        timings: list[ImageTiming] = []
+        encoded: dict[tuple[str, int], tuple[str, np.ndarray]] = {}
         for seg in prompt.segments:
-            if isinstance(seg, prompt_mod.TextSegment):
-                segments.append(Tokens(seg.ids))
-            else:
-                rows = self._cache.get(seg.image_key)
-                assert rows is not None
-                segments.append(Embeddings(rows, f"{self.bundle.id}:{seg.image_key}"))
-        return prompt, segments, timings
+            if not isinstance(seg, prompt_mod.ImageSegment) or (seg.image_key, seg.level) in encoded:
+                continue
+            if task is not None:
+                task.check()
+            sha, src = seg.image_key, keyed[seg.image_key]
+            layout = self.layout(sha, seg.level)
+            name = src[1] if isinstance(src, tuple) else src.name
+
+            def load(sha: str = sha, src: _Keyed = src) -> Image.Image:
+                return decoded[sha] if sha in decoded else decode(*_raw(src))
+
+            timing, rows = self._encode_views(sha, name, layout, load, task)
+            encoded[sha, seg.level] = (self._views_key(sha, layout), rows)
+            if seg.level > 0:
+                timing.full_grid = str(self.layout(sha).grid)
+            timings.append(timing)
+        return timings, encoded
 
     def ask(
         self,
@@ -274,6 +410,7 @@ class ChatPipeline:
         )
         record = AnswerRecord(images=timings, dropped_turns=prompt.dropped_turns, context_size=self.llm.n_ctx)
         record.encode_ms = sum(t.encode_ms for t in timings)
+        record.notices = [grid_notice(t, self.bundle.config.image_rows) for t in timings if t.full_grid]
         capped = replace(s, max_new_tokens=prompt.max_new_tokens)
         stops = (*self._stop_texts, *stop)
         return AnswerStream(self, self._run(segments, capped, record, token, t0, stops), record)
@@ -317,7 +454,39 @@ class ChatPipeline:
         self.close()
 
 
-def _prepare(src: PreparedImage | HashedImage | tuple[bytes, str]) -> PreparedImage:
+_Keyed = PreparedImage | HashedImage | tuple[bytes, str]
+
+
+def _read(src: ImageSource) -> _Keyed:
+    if isinstance(src, (PreparedImage, HashedImage)):
+        return src
+    return read_source(src)
+
+
+def _raw(src: ImageSource | tuple[bytes, str]) -> tuple[bytes, str]:
+    """The bytes and name of an image for a crop plan (UReader crops the decoded image itself)."""
+    if isinstance(src, PreparedImage):
+        raise ValueError("a UReader model crops the image itself: pass the image file or its bytes")
+    if isinstance(src, tuple):
+        return src
+    if isinstance(src, HashedImage):
+        data, label = read_source(src.path, src.name)
+        if sha256_bytes(data) != src.sha256:
+            raise ImageError(f"{src.name}: the stored file changed on disk (its content no longer matches its name)")
+        return data, label
+    return read_source(src)
+
+
+def grid_notice(timing: ImageTiming, rows_per_view: int) -> str:
+    """What to tell the user when an image was read with a smaller grid than its size asks for."""
+    used = timing.views * rows_per_view
+    return (
+        f"{timing.name}: read as a {timing.grid} grid of crops ({used} positions) instead of {timing.full_grid}, "
+        "so that the question fits the model's context; fine print may be harder for the model to read"
+    )
+
+
+def _prepare(src: _Keyed) -> PreparedImage:
     if isinstance(src, PreparedImage):
         return src
     if isinstance(src, HashedImage):

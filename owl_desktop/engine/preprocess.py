@@ -47,8 +47,16 @@ def to_pixels(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     """
     if img.mode != "RGB":
         img = to_rgb(img)
-    resized = img.resize((size, size), Image.BICUBIC)
-    x = (np.asarray(resized, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+    return normalize(img.resize((size, size), Image.BICUBIC))
+
+
+def normalize(img: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as the model takes them, at its own size: [3, H, W] float32.
+
+    uint8 × (1/255) in float64 cast to float32, then (x − mean) / std in float32. For all 256 byte values x/255 done
+    this way equals torchvision's ToTensor (a float32 division), so it serves UReader's crops as well.
+    """
+    x = (np.asarray(img, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)  # [H, W, 3]
     x = (x - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 

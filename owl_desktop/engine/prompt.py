@@ -16,6 +16,12 @@ answers are stripped of surrounding whitespace.
 
 When the conversation does not fit in n_ctx with room for the answer, the oldest turns are left out, whole and with
 their images; the current turn is never cut.
+
+Images need not all cost the same: `image_rows` may be a function of the image key (UReader: 65·(1 + rows·cols)
+positions for a global view and the crops of its grid). When the current turn does not fit even alone, the
+`reduced_image_rows` functions (each a smaller level of detail, e.g. a smaller grid) are tried in order for the
+current turn's images; the prompt records the level it used (`Prompt.image_level`, 0 = full detail) so the caller
+can encode at that level and tell the user. Earlier turns keep full detail (or are left out).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from owl_desktop.errors import ContextFull, PromptError
 
 Tokenize = Callable[[str], list[int]]
 """SentencePiece-like tokenizer of one text chunk: no BOS, dummy-prefix "▁" at the start, special text not parsed."""
+
+ImageRows = int | Callable[[str], int]
+"""Positions each image takes: one count for all, or a function of the image key."""
 
 N_CTX = 2048
 MAX_NEW_TOKENS = 512
@@ -63,11 +72,13 @@ class TextSegment:
 
 @dataclass(frozen=True)
 class ImageSegment:
-    """The rows of one image: `index` is its place among the prompt's images (0-based), `rows` its positions."""
+    """The rows of one image: `index` is its place among the prompt's images (0-based), `rows` its positions,
+    `level` the level of detail they were counted at (0 = full; see build_prompt's reduced_image_rows)."""
 
     image_key: str
     index: int
     rows: int = IMAGE_ROWS
+    level: int = 0
 
     @property
     def n_positions(self) -> int:
@@ -83,6 +94,7 @@ class Prompt:
 
     `dropped_turns` oldest turns were left out to fit the context (the prompt covers turns[dropped_turns:]).
     `max_new_tokens` is the room left for the answer: the requested count, capped by what the context still holds.
+    `image_level` is the level of detail of the current turn's images: 0 = full, k = reduced_image_rows[k - 1].
     """
 
     segments: list[Segment]
@@ -90,6 +102,7 @@ class Prompt:
     dropped_turns: int
     max_new_tokens: int
     text: str
+    image_level: int = 0
 
     @property
     def image_keys(self) -> list[str]:
@@ -108,7 +121,6 @@ class Prompt:
 class _Parts:
     """Text and images in order; consecutive texts are merged, so texts and images alternate."""
 
-    rows: int
     items: list[str | ImageSegment] = field(default_factory=list)
     n_images: int = 0
 
@@ -120,9 +132,17 @@ class _Parts:
         else:
             self.items.append(s)
 
-    def image(self, key: str) -> None:
-        self.items.append(ImageSegment(key, self.n_images, self.rows))
+    def image(self, key: str, rows: int, level: int) -> None:
+        if rows <= 0:
+            raise ValueError(f"image {key} would take {rows} positions")
+        self.items.append(ImageSegment(key, self.n_images, rows, level))
         self.n_images += 1
+
+
+def _rows_fn(rows: ImageRows) -> Callable[[str], int]:
+    if isinstance(rows, int):
+        return lambda _key: rows
+    return rows
 
 
 def render_text(turns: Sequence[Turn], template: PromptTemplate | None = None, system: str | None = None) -> str:
@@ -131,7 +151,8 @@ def render_text(turns: Sequence[Turn], template: PromptTemplate | None = None, s
     A last turn without answer ends the text with "AI: " (trailing space kept); answered turns end with their answer.
     """
     tpl = template or PromptTemplate()
-    parts = _layout(turns, tpl, tpl.system if system is None else system, IMAGE_ROWS)
+    full = _rows_fn(IMAGE_ROWS)
+    parts = _layout(turns, tpl, tpl.system if system is None else system, full, full, 0)
     return "".join(i if isinstance(i, str) else tpl.image for i in parts.items)
 
 
@@ -144,22 +165,26 @@ def build_prompt(
     n_ctx: int = N_CTX,
     max_new_tokens: int = MAX_NEW_TOKENS,
     min_new_tokens: int = MIN_NEW_TOKENS,
-    image_rows: int = IMAGE_ROWS,
+    image_rows: ImageRows = IMAGE_ROWS,
+    reduced_image_rows: Sequence[ImageRows] = (),
     bos_id: int = BOS_ID,
     drop_old_turns: bool = True,
 ) -> Prompt:
     """Segments for the conversation `turns`, the last of which is the question being asked (answer None).
 
     Room for `max_new_tokens` of answer is kept, capped so that the current turn alone fits with at least
-    `min_new_tokens` to spare; older turns are then added newest first while they fit, and the rest are dropped.
+    `min_new_tokens` to spare (at the first level of detail, of `image_rows` then each of `reduced_image_rows`, at
+    which it fits); older turns are then added newest first while they fit, and the rest are dropped.
     With `drop_old_turns` False every turn is kept and the answer gets what room is left (at least
     `min_new_tokens`), or ContextFull is raised: for callers that must not lose history silently (the API).
-    Raises PromptError for an empty question, ContextFull for a conversation that cannot fit.
+    Raises PromptError for an empty question, ContextFull for a conversation (or a current turn, at every level of
+    detail) that cannot fit.
     """
     if not turns:
         raise PromptError("there is no question to ask")
-    if n_ctx <= 0 or image_rows <= 0 or min_new_tokens <= 0 or max_new_tokens <= 0:
-        raise ValueError("n_ctx, image_rows, min_new_tokens and max_new_tokens must be positive")
+    if n_ctx <= 0 or min_new_tokens <= 0 or max_new_tokens <= 0:
+        raise ValueError("n_ctx, min_new_tokens and max_new_tokens must be positive")
+    levels = [_rows_fn(image_rows), *(_rows_fn(r) for r in reduced_image_rows)]
     tpl = template or PromptTemplate()
     sys_text = tpl.system if system is None else system
     _validate(turns)
@@ -171,8 +196,8 @@ def build_prompt(
             memo[chunk] = list(tokenize(chunk))
         return memo[chunk]
 
-    def plan(first: int) -> tuple[list[Segment], int, str]:
-        parts = _layout(turns[first:], tpl, sys_text, image_rows)
+    def plan(first: int, level: int) -> tuple[list[Segment], int, str]:
+        parts = _layout(turns[first:], tpl, sys_text, levels[0], levels[level], level)
         segments: list[Segment] = []
         for item in parts.items:
             if isinstance(item, str):
@@ -188,13 +213,17 @@ def build_prompt(
         return segments, sum(s.n_positions for s in segments), text
 
     last = len(turns) - 1
-    best = plan(last)
-    if best[1] + min_new_tokens > n_ctx:
-        message = _too_big_message(turns[last], best[1], n_ctx, min_new_tokens, image_rows)
+    for level in range(len(levels)):
+        best = plan(last, level)
+        if best[1] + min_new_tokens <= n_ctx:
+            break
+    else:
+        image_positions = [levels[-1](k) for k in turns[last].images]
+        message = _too_big_message(best[1], image_positions, n_ctx, min_new_tokens, len(levels) > 1)
         raise ContextFull(message, best[1] + min_new_tokens, n_ctx)
     first = last
     if not drop_old_turns:
-        best, first = plan(0), 0
+        best, first = plan(0, level), 0
         if best[1] + min_new_tokens > n_ctx:
             raise ContextFull(
                 f"the conversation needs {best[1] + min_new_tokens} positions ({best[1]} for its {len(turns)} turns, "
@@ -205,7 +234,7 @@ def build_prompt(
             )
     reserve = min(max_new_tokens, n_ctx - best[1])
     while first > 0:
-        candidate = plan(first - 1)
+        candidate = plan(first - 1, level)
         if candidate[1] + reserve > n_ctx:
             break
         best, first = candidate, first - 1
@@ -216,19 +245,29 @@ def build_prompt(
         dropped_turns=first,
         max_new_tokens=min(max_new_tokens, n_ctx - n_positions),
         text=text,
+        image_level=level,
     )
 
 
-def _layout(turns: Sequence[Turn], tpl: PromptTemplate, system: str, rows: int) -> _Parts:
-    parts = _Parts(rows)
+def _layout(
+    turns: Sequence[Turn],
+    tpl: PromptTemplate,
+    system: str,
+    rows: Callable[[str], int],
+    current_rows: Callable[[str], int],
+    current_level: int,
+) -> _Parts:
+    """Text and images of `turns`; the last turn's images are counted with `current_rows` at `current_level`."""
+    parts = _Parts()
     sep = ""
     if system:
         parts.text(system)
         sep = "\n"
-    for turn in turns:
+    for i, turn in enumerate(turns):
+        current = i == len(turns) - 1
         for key in turn.images:
             parts.text(sep + tpl.human)
-            parts.image(key)
+            parts.image(key, current_rows(key) if current else rows(key), current_level if current else 0)
             sep = "\n"
         parts.text(sep + tpl.human + turn.question.strip() + "\n" + tpl.ai)
         if turn.answer is not None:
@@ -251,9 +290,10 @@ def _validate(turns: Sequence[Turn]) -> None:
             raise PromptError("an image of the conversation has no key")
 
 
-def _too_big_message(turn: Turn, positions: int, n_ctx: int, min_new: int, rows: int) -> str:
-    n_img = len(turn.images)
-    text_positions = positions - n_img * rows
+def _too_big_message(positions: int, image_positions: list[int], n_ctx: int, min_new: int, reduced: bool) -> str:
+    """Why the current turn cannot fit; `image_positions` are its images' costs at the smallest level tried."""
+    n_img = len(image_positions)
+    text_positions = positions - sum(image_positions)
     room = n_ctx - min_new
     if text_positions > room:
         return (
@@ -261,9 +301,16 @@ def _too_big_message(turn: Turn, positions: int, n_ctx: int, min_new: int, rows:
             f"context holds {n_ctx} (at least {min_new} kept for the answer); shorten it by about "
             f"{text_positions - room} tokens"
         )
-    fit = (room - text_positions) // rows
+    fit, used = 0, text_positions
+    for cost in sorted(image_positions):
+        if used + cost > room:
+            break
+        fit, used = fit + 1, used + cost
+    lo, hi = min(image_positions), max(image_positions)
+    each = f"{lo} each" if lo == hi else f"{lo} to {hi} each"
+    smallest = " even at the smallest level of detail" if reduced else ""
     return (
-        f"too many images for one question: {n_img} images take {n_img * rows} positions ({rows} each) and the "
-        f"text {text_positions} tokens, but the model's context holds {n_ctx} (at least {min_new} kept for the "
-        f"answer); at most {fit} image{'s' if fit != 1 else ''} fit with this question"
+        f"too many images for one question: {n_img} images take {sum(image_positions)} positions ({each}){smallest} "
+        f"and the text {text_positions} tokens, but the model's context holds {n_ctx} (at least {min_new} kept for "
+        f"the answer); at most {fit} image{'s' if fit != 1 else ''} fit with this question"
     )

@@ -8,6 +8,11 @@ released HF checkpoint (`vision_model.*`, `abstractor.*`, `query_tokens`), so `v
     query_tokens [1,64,D] ─abstractor layers (one attention over [queries; image])─ visual_fc ─ + vit_eos
     → [B, 65, n_embd]
 
+UReader (mplug-owl-family.md) is the same tower run on every view of an image (a global view and the crops of a
+grid, engine/doc_crops.py), with one addition in the abstractor: each view's (row, col) picks a position vector
+(cut_patch_embedding_h[row] + cut_patch_embedding_w[col]) · 0.5, added to its 64 query outputs before visual_fc.
+Each view keeps its own vit_eos row: 65 rows per view.
+
 Every LayerNorm runs in float32 and casts back (the reference's LayerNormFp32), and its parameters stay float32
 whatever the compute dtype. `VisionEncoder` picks the device (CUDA → MPS → CPU) and dtype (fp16 on GPUs; bf16 on
 CPUs with native bf16 matmul, else fp32), loads the weights strictly and encodes batches of images.
@@ -225,14 +230,34 @@ class AbstractorEncoderStack(nn.Module):
 
 
 class VisualAbstractor(nn.Module):
-    def __init__(self, cfg: AbstractorConfig, text_hidden: int) -> None:
+    """Abstractor layers, then visual_fc into the LLM's space, then the learned vit_eos row.
+
+    With `crop_positions` > 0 (UReader) it also holds the crop position tables `cut_patch_embedding_h/w`
+    (Embedding(crop_positions, D)); a view at (row, col) gets (h[row] + w[col]) · 0.5 added to each of its query
+    outputs before visual_fc (the reference's patch_pos_embed_type "post").
+    """
+
+    def __init__(self, cfg: AbstractorConfig, text_hidden: int, crop_positions: int = 0) -> None:
         super().__init__()
         self.encoder = AbstractorEncoderStack(cfg)
         self.visual_fc = nn.Linear(cfg.hidden_size, text_hidden)
         self.vit_eos = nn.Parameter(torch.zeros(1, 1, text_hidden))
+        if crop_positions > 0:
+            self.cut_patch_embedding_h = nn.Embedding(crop_positions, cfg.hidden_size)
+            self.cut_patch_embedding_w = nn.Embedding(crop_positions, cfg.hidden_size)
 
-    def forward(self, queries: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    @property
+    def has_crop_positions(self) -> bool:
+        return hasattr(self, "cut_patch_embedding_h")
+
+    def crop_position_vectors(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [B, 2] (row, col) → [B, D]: the mean of the row and column vectors."""
+        return (self.cut_patch_embedding_h(positions[:, 0]) + self.cut_patch_embedding_w(positions[:, 1])) * 0.5
+
+    def forward(self, queries: torch.Tensor, img: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         h = self.encoder(queries, img)  # [B, 64, D]
+        if positions is not None:
+            h = h + self.crop_position_vectors(positions)[:, None, :]  # [B, 64, D]; one vector per view
         out = self.visual_fc(h)  # [B, 64, n_embd]
         eos = self.vit_eos.expand(out.shape[0], -1, -1)  # [B, 1, n_embd]
         return torch.cat([out, eos], dim=1)  # [B, 65, n_embd]
@@ -261,20 +286,25 @@ def check_config(config: OwlConfig) -> None:
 
 
 class OwlVision(nn.Module):
-    """ViT + abstractor + learned queries: pixel values [B,3,224,224] → image rows [B, 65, n_embd]."""
+    """ViT + abstractor + learned queries: pixel values [B,3,224,224] → image rows [B, 65, n_embd].
 
-    def __init__(self, config: OwlConfig) -> None:
+    Each item of the batch is one view (an image, or one crop or the global view of a UReader image); views never
+    mix, so a document's crops run through the ViT as one batch. `crop_positions` > 0 builds UReader's position
+    tables; its forward then takes each view's (row, col).
+    """
+
+    def __init__(self, config: OwlConfig, crop_positions: int = 0) -> None:
         super().__init__()
         check_config(config)
         self.config = config
         self.vision_model = VisionModel(config.vision)
-        self.abstractor = VisualAbstractor(config.abstractor, config.text.hidden_size)
+        self.abstractor = VisualAbstractor(config.abstractor, config.text.hidden_size, crop_positions)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.abstractor.hidden_size))
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         img = self.vision_model(pixel_values)  # [B, 257, D]
         queries = self.query_tokens.expand(img.shape[0], -1, -1)  # [B, 64, D]
-        return self.abstractor(queries, img)  # [B, 65, n_embd]
+        return self.abstractor(queries, img, positions)  # [B, 65, n_embd]
 
 
 def _layernorm_param_names(model: nn.Module) -> set[str]:
@@ -285,7 +315,8 @@ def init_random_(model: OwlVision, seed: int = 0) -> OwlVision:
     """Fill every parameter with random values of a realistic scale (benchmarks and tests; no weights needed).
 
     Linear and conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02), LayerNorm weights ~ N(1, 0.1) and biases
-    ~ N(0, 0.1), embeddings and learned vectors ~ N(0, 0.5): none keeps a default that could hide a bug.
+    ~ N(0, 0.1), embeddings, crop position tables and learned vectors ~ N(0, 0.5): none keeps a default that could
+    hide a bug.
     """
     g = torch.Generator().manual_seed(seed)
     ln_params = _layernorm_param_names(model)
@@ -294,6 +325,8 @@ def init_random_(model: OwlVision, seed: int = 0) -> OwlVision:
             cpu = torch.empty(p.shape, dtype=torch.float32)
             if name in ln_params:
                 cpu.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=g)
+            elif ".cut_patch_embedding_" in name:
+                cpu.normal_(0.0, 0.5, generator=g)
             elif name.endswith("weight") and p.dim() >= 2:
                 cpu.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
             elif name.endswith("bias"):
@@ -424,9 +457,18 @@ class VisionEncoder:
 
     @classmethod
     def from_file(
-        cls, path: str | Path, config: OwlConfig, device: str = "auto", dtype: str = "auto", task: Task | None = None
+        cls,
+        path: str | Path,
+        config: OwlConfig,
+        device: str = "auto",
+        dtype: str = "auto",
+        task: Task | None = None,
+        crop_positions: int = 0,
     ) -> VisionEncoder:
-        """Load a bundle's vision.safetensors strictly (names and shapes must equal the config's model)."""
+        """Load a bundle's vision.safetensors strictly (names and shapes must equal the config's model).
+
+        `crop_positions` > 0: a UReader tower, with its crop position tables of that many rows.
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -440,7 +482,9 @@ class VisionEncoder:
             state_dict = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
             raise BundleError(f"cannot read vision weights {path}: {exc}") from exc
-        encoder = cls.from_state_dict(state_dict, config, device=device, dtype=dtype, source=path.name)
+        encoder = cls.from_state_dict(
+            state_dict, config, device=device, dtype=dtype, source=path.name, crop_positions=crop_positions
+        )
         if task is not None:
             task.report("loading vision weights", 1, 1)
         return encoder
@@ -453,13 +497,14 @@ class VisionEncoder:
         device: str = "auto",
         dtype: str = "auto",
         source: str = "state dict",
+        crop_positions: int = 0,
     ) -> VisionEncoder:
         """Build the model around `state_dict` (any float dtype), checked strictly, on the chosen device/dtype."""
         dev = select_device(device)
         dt = select_dtype(dev, dtype)
         try:
             with torch.device("meta"):
-                model = OwlVision(config)
+                model = OwlVision(config, crop_positions)
         except ValueError as exc:
             raise BundleError(f"invalid vision config: {exc}") from exc
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -498,13 +543,23 @@ class VisionEncoder:
     def __repr__(self) -> str:
         return f"VisionEncoder({self.description})"
 
+    @property
+    def takes_positions(self) -> bool:
+        """True for a UReader tower: every view needs its (row, col) crop position."""
+        return self.model.abstractor.has_crop_positions
+
     def encode(
-        self, pixel_values: torch.Tensor | np.ndarray, batch_size: int = 8, task: Task | None = None
+        self,
+        pixel_values: torch.Tensor | np.ndarray,
+        batch_size: int = 8,
+        task: Task | None = None,
+        positions: torch.Tensor | np.ndarray | None = None,
     ) -> np.ndarray:
         """Pixel values [B,3,224,224] (CLIP-normalised float32) → C-contiguous float32 array [B, 65, n_embd].
 
-        Images run `batch_size` at a time; `task` gets progress in images and may cancel between the layers of the
+        Views run `batch_size` at a time; `task` gets progress in images and may cancel between the layers of the
         ViT and the abstractor (Cancelled is raised within one layer, tens of milliseconds on a CPU).
+        `positions` [B, 2] (row, col) of each view: required by a UReader tower, refused by an mPLUG-Owl one.
         """
         px = torch.as_tensor(pixel_values)
         v = self.config.vision
@@ -512,6 +567,7 @@ class VisionEncoder:
         if px.dim() != 4 or tuple(px.shape[1:]) != want:
             raise ValueError(f"pixel values must have shape [B, {', '.join(map(str, want))}], not {list(px.shape)}")
         n = px.shape[0]
+        pos = self._check_positions(positions, n)
         out = np.empty((n, self.image_rows, self.n_embd), dtype=np.float32)
         hooks = []
         if task is not None:
@@ -519,12 +575,14 @@ class VisionEncoder:
             hooks = [layer.register_forward_pre_hook(lambda _m, _a: task.check()) for layer in layers]
         with contextlib.ExitStack() as stack:
             stack.callback(lambda: [h.remove() for h in hooks])
-            self._encode_into(out, px, batch_size, task)
+            self._encode_into(out, px, pos, batch_size, task)
         if task is not None:
             task.report("encoding images", n, n, "images")
         return out
 
-    def _encode_into(self, out: np.ndarray, px: torch.Tensor, batch_size: int, task: Task | None) -> None:
+    def _encode_into(
+        self, out: np.ndarray, px: torch.Tensor, pos: torch.Tensor | None, batch_size: int, task: Task | None
+    ) -> None:
         n = px.shape[0]
         with torch.inference_mode():
             for start in range(0, n, max(1, batch_size)):
@@ -532,10 +590,26 @@ class VisionEncoder:
                     task.check()
                     task.report("encoding images", start, n, "images")
                 chunk = px[start : start + batch_size].to(device=self._device, dtype=self._dtype)
-                rows = self.model(chunk)  # [b, 65, n_embd]
+                chunk_pos = None if pos is None else pos[start : start + batch_size].to(self._device)  # [b, 2]
+                rows = self.model(chunk, chunk_pos)  # [b, 65, n_embd]
                 if not bool(torch.isfinite(rows).all()):
                     raise EngineError(
                         f"the vision encoder produced non-finite values in {dtype_name(self._dtype)} on "
                         f"{self._device.type}; try the fp32 dtype"
                     )
                 out[start : start + chunk.shape[0]] = rows.float().cpu().numpy()
+
+    def _check_positions(self, positions: torch.Tensor | np.ndarray | None, n: int) -> torch.Tensor | None:
+        if not self.takes_positions:
+            if positions is not None:
+                raise ValueError("this vision tower has no crop positions; pass positions=None")
+            return None
+        if positions is None:
+            raise ValueError("a UReader vision tower needs the (row, col) position of every view")
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        if pos.shape != (n, 2):
+            raise ValueError(f"positions must have shape [{n}, 2], not {list(pos.shape)}")
+        limit = self.model.abstractor.cut_patch_embedding_h.num_embeddings
+        if bool((pos < 0).any()) or bool((pos >= limit).any()):
+            raise ValueError(f"crop positions must lie in 0..{limit - 1}")
+        return pos

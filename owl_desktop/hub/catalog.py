@@ -1,4 +1,4 @@
-"""The built-in catalog: the released mPLUG-Owl v1 checkpoints (MAGAer13 on the Hugging Face hub).
+"""The built-in catalog: the released mPLUG-Owl v1 checkpoints (MAGAer13 on the Hugging Face hub) and UReader.
 
 Any other repository in the same format can be pulled too; the catalog adds a description, a pinned revision, the
 expected download and what each quantization needs, so the app can show them before anything is fetched.
@@ -34,6 +34,17 @@ _SIDE_FILES = (
 _CHECKPOINT_BYTES = 14_200_000_000
 _SIDE_BYTES = 512_000
 _LICENSE = "Apache-2.0 (hub card); LLaMA-7B weights inside are under Meta's non-commercial LLaMA license"
+
+# UReader (mplug-owl-family.md): three float32 shards of 9.98 + 9.96 + 8.55 GB, and four side files (no
+# special_tokens_map.json or preprocessor_config.json in that repository). Converting streams the shards.
+UREADER_REPO = "Mizukiluke/ureader-v1"
+_UREADER_SHARDS = tuple(f"pytorch_model-{i:05d}-of-00003.bin" for i in (1, 2, 3))
+_UREADER_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json")
+_UREADER_CHECKPOINT_BYTES = 9_980_000_000 + 9_960_000_000 + 8_550_000_000
+_UREADER_LICENSE = (
+    "Apache-2.0 (UReader code); built on mPLUG-Owl-LLaMA-7B, whose LLaMA weights are under Meta's non-commercial "
+    "LLaMA license"
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,18 @@ CATALOG: tuple[CatalogEntry, ...] = (
         files=(*_SIDE_FILES, "pytorch_model.bin"),
         download_bytes=_CHECKPOINT_BYTES + _SIDE_BYTES,
         chat=False,
+    ),
+    CatalogEntry(
+        repo_id=UREADER_REPO,
+        revision=PINNED_REVISION,
+        title="UReader (documents, charts, tables, web pages)",
+        description=(
+            "mPLUG-Owl fine-tuned to read text in images: documents, charts, tables, web pages and screenshots, in "
+            "English; it reads an image as a grid of up to 20 crops plus a global view (130 to 1,365 positions)."
+        ),
+        license=_UREADER_LICENSE,
+        files=(*_UREADER_SIDE_FILES, *_UREADER_SHARDS, "pytorch_model.bin.index.json"),
+        download_bytes=_UREADER_CHECKPOINT_BYTES + _SIDE_BYTES,
     ),
 )
 
