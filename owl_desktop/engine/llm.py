@@ -114,8 +114,9 @@ _backend_ready = False
 def _init_backend() -> None:
     global _backend_ready
     with _backend_lock:
+        # every time: llama-cpp-python's own Llama class (the bench baseline) installs its logger process-wide
+        L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
         if not _backend_ready:
-            L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
             L.llama_backend_init()
             _backend_ready = True
 
