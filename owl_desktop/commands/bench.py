@@ -227,6 +227,44 @@ def run_engine(args: argparse.Namespace) -> int:
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# bench memory (the measurement lives in owl_desktop/engine/bench_memory.py)
+
+
+def register_memory(benchmarks: argparse._SubParsersAction) -> None:
+    p = benchmarks.add_parser(
+        "memory",
+        help="peak RSS (anonymous / file-backed), load, encode, prefill, decode per way of holding the weights",
+        description=(
+            "Runs one bundle from load through a greedy answer once per configuration, each in a fresh process: "
+            "the GGUF memory-mapped or read, llama.cpp's repacked CPU weights on or off. Prints RSS after load and "
+            "at the end split into anonymous and file-backed memory, peak RSS, load time, encode, prefill and "
+            "decode, each against the best configuration of the same run, and decode against the memory-bandwidth "
+            "limit measured in the same run. Meant for the 7B-shaped bundle (dev make-checkpoint --preset 7b)."
+        ),
+    )
+    p.add_argument("--model", metavar="BUNDLE", help="bundle folder or id (default: the demo's tiny random bundle)")
+    p.add_argument("--image", type=Path, metavar="PATH", help="image to ask about (default: the demo picture)")
+    p.add_argument("--tokens", type=int, default=256, metavar="N", help="tokens to generate (default: 256)")
+    p.add_argument("--threads", type=int, metavar="N", help="LLM threads (default: physical cores)")
+    p.add_argument("--configs", nargs="+", metavar="NAME", help="configurations to run (default: all four)")
+    p.set_defaults(func=run_memory)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from owl_desktop.devtools.demo import demo_image, ensure_demo_bundle
+    from owl_desktop.engine import bench_memory
+
+    configs = args.configs or list(bench_memory.CONFIGS)
+    unknown = [c for c in configs if c not in bench_memory.CONFIGS]
+    if unknown:
+        print(f"unknown configuration {unknown[0]!r}; choose from: {', '.join(bench_memory.CONFIGS)}")
+        return 2
+    model = str(args.model or ensure_demo_bundle())
+    print(bench_memory.run(model, configs, args.tokens, args.threads, args.image or demo_image()))
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # bench serve (the measurement lives in owl_desktop/server/bench.py)
 
 
@@ -274,5 +312,6 @@ BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_vision,
     register_convert,
     register_engine,
+    register_memory,
     register_serve,
 ]

@@ -197,7 +197,8 @@ class LlamaEngine:
         mp.n_gpu_layers = s.n_gpu_layers if gpu_offload_supported() else 0
         # AMX weight buffers die with SIGILL where the CPU reports AMX but the kernel or hypervisor does not enable
         # it (seen on our virtual machines). Keep quantized weights in plain buffers when the build has AMX.
-        mp.use_extra_bufts = not build_has_amx()
+        mp.use_extra_bufts = s.repack and not build_has_amx()
+        mp.use_mmap = s.use_mmap
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise EngineError(f"llama.cpp could not load {path.name}: {_last_error()}")

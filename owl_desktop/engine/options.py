@@ -53,6 +53,11 @@ class LlmSettings:
     n_gpu_layers: int = -1  # -1: every layer when the build has a GPU backend
     flash_attn: str = "auto"  # a key of FLASH_ATTN_IDS ("off" is exact against a float32 reference)
     kv_type: str = "f16"  # a key of KV_TYPE_IDS
+    # How the weights are held (measured with `owl-desktop bench memory`): mapped from the GGUF (shared with the page
+    # cache, never counted twice) and, with `repack`, copied into llama.cpp's repacked CPU layout (faster decode,
+    # slower prefill, and a second copy of the weights while the mapping stays resident).
+    use_mmap: bool = True
+    repack: bool = False
     prefix_cache_mb: int = 1024  # host memory for saved KV prefixes of other conversations (0: none)
 
 
