@@ -22,7 +22,14 @@ def register(sub: Any) -> None:
     ask = sub.add_parser("ask", help="ask one question about images; the answer streams to stdout")
     ask.add_argument("question", metavar="QUESTION")
     ask.add_argument("--model", required=True, metavar="BUNDLE", help="a bundle folder or an installed bundle id")
-    ask.add_argument("--image", action="append", default=[], type=Path, metavar="PATH", help="repeat for more images")
+    ask.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="repeat for more images; PATH#x,y,w,h takes a region (pixels of the original); a PDF gives its pages "
+        "(FILE.pdf#page=2 or #pages=1-3 chooses them)",
+    )
     ask.add_argument(
         "--conversation",
         type=Path,
@@ -101,13 +108,17 @@ def stream_answer(answer: Any, out: Any = None) -> None:
 
 
 def run_ask(args: argparse.Namespace) -> int:
+    from owl_desktop import image_spec, pdf_intake
     from owl_desktop.engine.pipeline import ChatPipeline
 
+    specs = [image_spec.parse(text) for text in args.image]  # a malformed one fails before the model loads
     earlier = load_conversation(args.conversation) if args.conversation else None
     history = earlier.turns if earlier else []
     system = args.system if args.system is not None else (earlier.system_prompt if earlier else None)
     with ChatPipeline.open(args.model, engine_settings(args)) as pipe:
-        answer = pipe.ask(args.image, args.question, history, sampling=sampling(args), system=system)
+        side = pdf_intake.render_side(pipe.bundle.image_plan)
+        images = [img for spec in specs for img in image_spec.resolve(spec, side)]
+        answer = pipe.ask(images, args.question, history, sampling=sampling(args), system=system)
         if args.json:
             answer.read()
             print(json.dumps(record_json(answer.record), ensure_ascii=False))
@@ -120,13 +131,14 @@ def run_ask(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from owl_desktop.engine.pipeline import ChatPipeline, HistoryTurn
+    from owl_desktop import image_spec, pdf_intake
+    from owl_desktop.engine.pipeline import ChatPipeline, HistoryTurn, ImageSource
 
     with ChatPipeline.open(args.model, engine_settings(args)) as pipe:
         print(f"owl-desktop chat with {pipe.bundle.id}. /image PATH attaches an image, /clear, /regen, /quit.")
         history: list[HistoryTurn] = []
-        pending: list[Path] = []
-        last: tuple[list[Path], str] | None = None
+        pending: list[ImageSource] = []
+        last: tuple[list[ImageSource], str] | None = None
         base = sampling(args)
         while True:
             try:
@@ -146,12 +158,18 @@ def run_chat(args: argparse.Namespace) -> int:
                 print("[conversation cleared]")
                 continue
             if line.startswith("/image"):
-                path = Path(line[len("/image") :].strip()).expanduser()
-                if not path.is_file():
-                    print(f"[no such file: {path}]")
+                text = str(Path(line[len("/image") :].strip()).expanduser())
+                try:
+                    spec = image_spec.parse(text)
+                    if not spec.path.is_file():
+                        print(f"[no such file: {spec.path}]")
+                        continue
+                    added = image_spec.resolve(spec, pdf_intake.render_side(pipe.bundle.image_plan))
+                except OwlError as exc:
+                    print(f"[error: {exc}]")
                     continue
-                pending.append(path)
-                print(f"[{path.name} attached; {len(pending)} image(s) for the next question]")
+                pending.extend(added)
+                print(f"[{spec.path.name} attached; {len(pending)} image(s) for the next question]")
                 continue
             samp = base
             if line == "/regen":

@@ -47,7 +47,8 @@ class HashedImage:
     name: str
 
 
-ImageSource = Path | str | bytes | PreparedImage | HashedImage
+ImageSource = Path | str | bytes | tuple[bytes, str] | PreparedImage | HashedImage
+"""A file, encoded bytes, encoded bytes with the name to show (a PDF page, a region), or a prepared/stored image."""
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,7 @@ class ChatPipeline:
                     sha = src.sha256
                     keyed.setdefault(sha, src)
                 else:
-                    data, label = read_source(src)
+                    data, label = src if isinstance(src, tuple) else read_source(src)
                     sha = sha256_bytes(data)
                     keyed.setdefault(sha, (data, label))
                 out.append(sha)
@@ -458,7 +459,7 @@ _Keyed = PreparedImage | HashedImage | tuple[bytes, str]
 
 
 def _read(src: ImageSource) -> _Keyed:
-    if isinstance(src, (PreparedImage, HashedImage)):
+    if isinstance(src, (PreparedImage, HashedImage, tuple)):
         return src
     return read_source(src)
 
