@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
 from owl_desktop.gui import attachments
 from owl_desktop.gui.attachments import PendingImage
 from owl_desktop.gui.icons import icon
+from owl_desktop.gui.pdf_attach import PdfAttacher, split_pdfs
 from owl_desktop.gui.theme import colors, theme_bus
 
 CHIP = 72
@@ -263,6 +264,9 @@ class Composer(QFrame):
         row.addWidget(self.send_button, 0, Qt.AlignmentFlag.AlignBottom)
         outer.addLayout(row)
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        self.pdfs = PdfAttacher(self)  # PDF pages are rendered off the GUI thread, then attached like images
+        self.pdfs.pages_ready.connect(lambda pages: [self.strip.add(p) for p in pages])
+        self.pdfs.refused.connect(self.refused)
         theme_bus().changed.connect(self._retint)
         self._retint()
 
@@ -349,13 +353,14 @@ class Composer(QFrame):
             self,
             "Attach images",
             str(Path.home()),
-            "Images (*.png *.jpg *.jpeg *.webp *.gif *.bmp *.tif *.tiff);;All files (*)",
+            "Images and PDFs (*.png *.jpg *.jpeg *.webp *.gif *.bmp *.tif *.tiff *.pdf);;All files (*)",
         )
         self.add_files([Path(f) for f in files])
 
     def add_files(self, files: list[Path]) -> None:
+        self.pdfs.attach([p for p in files if p.suffix.lower() == ".pdf"])
         refused = []
-        for path in files:
+        for path in (p for p in files if p.suffix.lower() != ".pdf"):
             try:
                 self.strip.add(attachments.from_file(path))
             except attachments.AttachmentError as exc:
@@ -365,6 +370,11 @@ class Composer(QFrame):
 
     def add_mime(self, mime: QMimeData) -> bool:
         """Attach what a drop or paste carries; refused items are reported. True when something was added."""
+        pdfs, rest = split_pdfs(mime)
+        self.pdfs.attach(pdfs)  # their pages arrive later, rendered off the GUI thread
+        if rest is None:
+            return bool(pdfs)
+        mime = rest
         self._paste_count += 1 if mime.hasImage() and not mime.hasUrls() else 0
         images, refused = attachments.from_mime(mime, self._paste_count)
         for image in images:

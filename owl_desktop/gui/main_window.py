@@ -41,6 +41,7 @@ from owl_desktop.gui.status_line import StatusLine
 from owl_desktop.gui.theme import apply_theme, colors, theme_bus
 from owl_desktop.gui.welcome import WelcomePage
 from owl_desktop.gui.workers import EngineHost, ImageSource, TaskRunner, user_message
+from owl_desktop.model_family import ImagePlan
 from owl_desktop.store.conversations import Conversation, Message
 from owl_desktop.tasks import Progress
 
@@ -120,6 +121,7 @@ class MainWindow(QMainWindow):
         self.welcome = WelcomePage(self.models)
         self.chat = ChatView(services.images)
         self.composer = Composer()
+        self.composer.pdfs.plan = self._image_plan  # PDF pages render at the size the loaded model uses
         self.banner = Banner()
         self.status = StatusLine()
         self.api_server.status_changed.connect(self.status.set_api)
@@ -598,9 +600,15 @@ class MainWindow(QMainWindow):
             return
         self.composer.add_mime(mime)
 
+    def _image_plan(self) -> ImagePlan | None:
+        pipe = self.services.chat.pipeline
+        return pipe.bundle.image_plan if pipe is not None else None
+
     def show_images(self, images: list[tuple[Path, str]], index: int) -> None:
         if images:
-            viewer = ImageViewer(images, index, self)
+            pipe = self.services.chat.pipeline
+            viewer = ImageViewer(images, index, self, self._image_plan(), pipe.llm.n_ctx if pipe else None)
+            viewer.crop_ready.connect(self.composer.strip.add)  # a dragged region becomes an attachment
             viewer.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
             viewer.open()
 
