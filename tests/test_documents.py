@@ -201,3 +201,25 @@ def test_cli_refuses_bad_pdfs_and_regions_with_a_message(
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err
     assert captured.out == ""
+
+
+def test_chat_attaches_pdf_pages_and_regions(bundle: Path, photo: Path, tmp_path: Path) -> None:
+    """The interactive chat takes the same PATH#page= / #x,y,w,h forms, and says what it refuses."""
+    import os
+    import subprocess
+    import sys
+
+    pdf, locked = tmp_path / "doc.pdf", tmp_path / "locked.pdf"
+    pdf.write_bytes(pdf_with_pages([(200, 100)] * 3))
+    locked.write_bytes(password_pdf())
+    script = f"/image {pdf}#pages=1-2\n/image {photo}#0,0,10,10\n/image {locked}\n/image {photo}#0,0,999,10\n"
+    script += "What is it?\n/quit\n"
+    env = {**os.environ, "OWL_DATA_DIR": str(tmp_path / "data"), "OWL_CACHE_DIR": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "owl_desktop", "chat", "--model", str(bundle), "--max-new-tokens", "4"]
+    done = subprocess.run(args, input=script, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "doc.pdf attached; 2 image(s)" in out and "receipt.png attached; 3 image(s)" in out
+    assert "locked.pdf: the PDF is protected by a password" in out
+    assert "outside the image, which is 400×300 pixels" in out
+    assert out.count("owl> ") == 1
