@@ -95,12 +95,13 @@ class ImageViewer(QDialog):
         """Cut `region` out of the current image's original file and offer it as a new attachment."""
         from PySide6.QtGui import QImage
 
+        from owl_desktop.image_intake import read_source
         from owl_desktop.image_region import crop_bytes
 
         path, name = self._images[self._index]
         try:
-            png, crop_name = crop_bytes(path.read_bytes(), name, region)
-        except (OwlError, OSError) as exc:
+            png, crop_name = crop_bytes(read_source(path, name)[0], name, region)
+        except OwlError as exc:
             self.hint.setText(f"That region cannot be attached: {exc}")
             return None
         preview = QImage.fromData(png, "PNG").scaled(
