@@ -58,7 +58,7 @@ class _SavedPrefix:
     nbytes: int
 
 
-def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     n, limit = 0, min(len(a), len(b))
     while n < limit and a[n] == b[n]:
         n += 1
@@ -326,7 +326,8 @@ class LlamaEngine:
         del self._keys[max(0, kept) :]
 
     @staticmethod
-    def _flatten(segments: Sequence[Segment]) -> list[Any]:
+    def positions(segments: Sequence[Segment]) -> list[Any]:
+        """The identity of each KV position of `segments`: token id or (embeddings key, row)."""
         keys: list[Any] = []
         for seg in segments:
             if isinstance(seg, Tokens):
@@ -350,14 +351,34 @@ class LlamaEngine:
         finally:
             L.llama_set_abort_callback(self.ctx, _NO_ABORT, None)
 
-    def _prefill(self, segments: Sequence[Segment]) -> tuple[int, int]:
-        keys = self._flatten(segments)
+    def prefill_ahead(self, segments: Sequence[Segment], cancel: CancelToken) -> tuple[int, int]:
+        """Work ahead: make the KV cache start with `segments` (a prompt's known beginning), keeping what follows.
+
+        Returns (positions, of which already there). Nothing is decoded when the cache already holds them all.
+        Raises Cancelled within one graph node once `cancel` fires; what was decoded by then stays usable.
+        """
+        keys = self.positions(segments)
+        with self._lock:
+            held = common_prefix(keys, self._keys)
+            if held == len(keys) or not keys:
+                return len(keys), held
+            self._cancel = cancel
+            self._cancel.raise_if_cancelled()
+            L.llama_set_abort_callback(self.ctx, self._abort_cb, None)
+            try:
+                return self._prefill(segments, keep_last=True)
+            finally:
+                L.llama_set_abort_callback(self.ctx, _NO_ABORT, None)
+
+    def _prefill(self, segments: Sequence[Segment], keep_last: bool = False) -> tuple[int, int]:
+        keys = self.positions(segments)
         if not keys:
             raise PromptError("empty prompt")
         if len(keys) >= self.n_ctx:
             raise PromptError(f"the prompt needs {len(keys)} positions; the context holds {self.n_ctx}")
-        n_keep = self._switch_prefix(keys, _common_prefix(keys, self._keys))
-        n_keep = min(n_keep, len(keys) - 1)  # re-decode at least one position for fresh logits
+        n_keep = self._switch_prefix(keys, common_prefix(keys, self._keys))
+        if not keep_last:
+            n_keep = min(n_keep, len(keys) - 1)  # re-decode at least one position for fresh logits
         if not L.llama_memory_seq_rm(self.mem, 0, n_keep, -1):
             L.llama_memory_clear(self.mem, True)
             n_keep = 0
@@ -386,7 +407,7 @@ class LlamaEngine:
             return n_keep
         best, best_n = None, n_keep
         for saved in self._saved:
-            m = _common_prefix(keys, saved.keys)
+            m = common_prefix(keys, saved.keys)
             if m > best_n:
                 best, best_n = saved, m
         if len(self._keys) - n_keep >= MIN_PREFIX_GAIN:
@@ -407,7 +428,7 @@ class LlamaEngine:
         if written <= 0:
             return
         live = self._keys
-        self._saved = [p for p in self._saved if _common_prefix(p.keys, live) < len(p.keys)]
+        self._saved = [p for p in self._saved if common_prefix(p.keys, live) < len(p.keys)]
         self._saved.append(_SavedPrefix(list(live), buf, written))
         while len(self._saved) > MAX_SAVED_PREFIXES or sum(p.nbytes for p in self._saved) > self._saved_cap:
             self._saved.pop(0)

@@ -28,10 +28,19 @@ from owl_desktop.bundle import Bundle
 from owl_desktop.engine import encode_cache
 from owl_desktop.engine import prompt as prompt_mod
 from owl_desktop.engine.doc_crops import ViewLayout, detail_levels, plan_views, view_pixels
-from owl_desktop.engine.llm import Embeddings, GenerationStats, LlamaEngine, LlmSettings, Sampling, Segment, Tokens
+from owl_desktop.engine.llm import (
+    Embeddings,
+    GenerationStats,
+    LlamaEngine,
+    LlmSettings,
+    Sampling,
+    Segment,
+    Tokens,
+    common_prefix,
+)
 from owl_desktop.engine.preprocess import PreparedImage, preprocess
 from owl_desktop.engine.vision import VisionEncoder, dtype_name
-from owl_desktop.errors import ImageError, PromptError
+from owl_desktop.errors import Cancelled, ImageError, PromptError
 from owl_desktop.hashing import sha256_bytes
 from owl_desktop.image_intake import decode, read_source
 from owl_desktop.model_family import CUT_EMBEDDING_ROWS
@@ -99,6 +108,21 @@ class AnswerRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class PrepareRecord:
+    """What a `ChatPipeline.prepare` did: the prompt's known beginning now in the KV cache (or how far it got)."""
+
+    positions: int = 0  # positions of the prompt known before the question (the target)
+    reused_positions: int = 0  # of those, already in the KV cache
+    encode_ms: float = 0.0
+    prefill_ms: float = 0.0
+    cancelled: bool = False
+
+
+# Two questions that share no first token: where their prompts part is where the question's own tokens begin.
+_PROBE_QUESTIONS = ("a", "Z")
 
 
 class AnswerStream:
@@ -377,6 +401,57 @@ class ChatPipeline:
             timings.append(timing)
         return timings, encoded
 
+    def prepare(
+        self,
+        images: Sequence[ImageSource] = (),
+        history: Sequence[HistoryTurn] = (),
+        *,
+        system: str | None = None,
+        cancel: CancelToken | None = None,
+        max_new_tokens: int = prompt_mod.MAX_NEW_TOKENS,
+    ) -> PrepareRecord:
+        """Work ahead while the user types: encode `images` and prefill the prompt up to the question's own text.
+
+        A later `ask` with the same images, history and system prompt then only prefills the question (the KV cache
+        is reused position by position, so whatever changed in between is simply computed again: nothing here can
+        make an answer differ). Stops within one vision layer or one graph node once `cancel` fires; the record then
+        says `cancelled`, and what was done by then (encodes, prefilled positions) stays useful.
+        """
+        token = cancel or CancelToken()
+        record = PrepareRecord()
+        try:
+            task = Task(cancel=token)
+            builds = [
+                self.build(images, q, history, system=system, max_new_tokens=max_new_tokens, task=task)
+                for q in _PROBE_QUESTIONS
+            ]
+            record.encode_ms = sum(t.encode_ms for t in builds[0][2])
+            shared = common_prefix(LlamaEngine.positions(builds[0][1]), LlamaEngine.positions(builds[1][1]))
+            # one token of margin: the question's first token may merge with what comes before it
+            ahead = _first_positions(builds[0][1], max(0, shared - 1))
+            t1 = time.perf_counter()
+            record.positions, record.reused_positions = self.llm.prefill_ahead(ahead, token)
+            record.prefill_ms = (time.perf_counter() - t1) * 1000
+        except Cancelled:
+            record.cancelled = True
+        return record
+
+    def warm_up(self, system: str | None = None, cancel: CancelToken | None = None) -> PrepareRecord:
+        """After a load, in the background: run the vision tower once (its first run is several times slower than
+        the next ones) and prefill the system prompt, so a new conversation starts from it already in the cache."""
+        token = cancel or CancelToken()
+        try:
+            self._warm_vision(token)
+        except Cancelled:
+            return PrepareRecord(cancelled=True)
+        return self.prepare((), (), system=system, cancel=token)
+
+    def _warm_vision(self, token: CancelToken) -> None:
+        size = self.bundle.config.vision.image_size
+        pixels = np.zeros((1, 3, size, size), dtype=np.float32)  # [1, 3, 224, 224]
+        positions = np.zeros((1, 2), dtype=np.int64) if self.bundle.image_plan.crops else None  # [1, 2]
+        self.vision.encode(pixels, task=Task(cancel=token), positions=positions)
+
     def ask(
         self,
         images: Sequence[ImageSource],
@@ -456,6 +531,22 @@ class ChatPipeline:
 
 
 _Keyed = PreparedImage | HashedImage | tuple[bytes, str]
+
+
+def _first_positions(segments: Sequence[Segment], n: int) -> list[Segment]:
+    """The segments cut after their first `n` positions."""
+    out: list[Segment] = []
+    left = n
+    for seg in segments:
+        if left <= 0:
+            break
+        if isinstance(seg, Tokens):
+            out.append(Tokens(list(seg.ids)[:left]))
+            left -= len(seg.ids)
+        else:
+            out.append(Embeddings(seg.rows[:left], seg.key))
+            left -= len(seg.rows)
+    return out
 
 
 def _read(src: ImageSource) -> _Keyed:
