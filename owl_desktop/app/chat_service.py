@@ -39,7 +39,14 @@ from owl_desktop.tasks import CancelToken
 
 if TYPE_CHECKING:
     from owl_desktop.engine.options import Sampling
-    from owl_desktop.engine.pipeline import AnswerRecord, AnswerStream, ChatPipeline, HashedImage, HistoryTurn
+    from owl_desktop.engine.pipeline import (
+        AnswerRecord,
+        AnswerStream,
+        ChatPipeline,
+        HashedImage,
+        HistoryTurn,
+        PrepareRecord,
+    )
     from owl_desktop.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -220,6 +227,55 @@ class ChatService:
             token.cancel()
         self._cancel.cancel()
 
+    def prepare(
+        self, conv_id: str | None, image_sources: Sequence[Path | bytes], cancel: CancelToken
+    ) -> PrepareRecord | None:
+        """Work ahead while the user types: encode the attached images and prefill the conversation's prompt up to
+        the question (a new conversation: the system prompt). Runs only while nobody else uses the engine and stops
+        at once (within one vision layer or graph node) when anyone asks for it, or when `cancel` fires; returns
+        None when it did not run. Never raises: background work that fails is only logged."""
+        if cancel.cancelled or self._pipeline is None:
+            return None
+        turn = self.queue.enter_if_idle("preparing", cancel.cancel)
+        if turn is None:
+            return None
+        try:
+            pipe = self._pipeline
+            if pipe is None or cancel.cancelled:
+                return None
+            history: list[HistoryTurn] = []
+            system = self.settings.system_prompt
+            if conv_id is not None:
+                conv = self.store.get(conv_id)
+                system = conv.system_prompt if conv.system_prompt is not None else system
+                history = self._history(conv_id)
+            return pipe.prepare(list(image_sources), history, system=system, cancel=cancel)
+        except OwlError as exc:
+            log.info("preparing the next prompt did not work out: %s", exc.message)
+            return None
+        except Exception:  # noqa: BLE001 - background work must never take the window down
+            log.exception("preparing the next prompt failed")
+            return None
+        finally:
+            turn.leave()
+
+    def warm_up(self, cancel: CancelToken) -> PrepareRecord | None:
+        """Right after a load, in the background: the vision tower's first (slow) run, and the system prompt's KV, so
+        the first question after a load costs what later ones cost. Yields to anyone at once, like prepare()."""
+        if cancel.cancelled or self._pipeline is None:
+            return None
+        turn = self.queue.enter_if_idle("warming up", cancel.cancel)
+        if turn is None:
+            return None
+        try:
+            pipe = self._pipeline
+            return pipe.warm_up(self.settings.system_prompt, cancel) if pipe is not None else None
+        except Exception:  # noqa: BLE001 - background work must never take the window down
+            log.exception("warming the model up failed")
+            return None
+        finally:
+            turn.leave()
+
     @property
     def busy(self) -> bool:
         """One of the window's use cases (or a model load) runs or waits for the engine."""
@@ -314,10 +370,12 @@ class ChatService:
             raise EngineError(NO_MODEL)
         return pipe
 
-    def _history(self, conv_id: str, question: Message) -> list[HistoryTurn]:
+    def _history(self, conv_id: str, question: Message | None = None) -> list[HistoryTurn]:
+        """The exchanges before `question` (all of them when None: the next question's history)."""
         from owl_desktop.engine.pipeline import HistoryTurn
 
-        earlier = [m for m in self.store.messages(conv_id) if m.seq < question.seq]
+        messages = self.store.messages(conv_id)
+        earlier = [m for m in messages if question is None or m.seq < question.seq]
         # an answer stopped before its first word is no exchange: its question (and images) stay out of the prompt
         pairs = [p for p in qa_pairs(earlier) if p.answer.text.strip()]
         return [HistoryTurn(self._sources(p.question), p.question.text, p.answer.text) for p in pairs]

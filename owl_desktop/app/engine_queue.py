@@ -6,6 +6,10 @@ then leaves. At most `max_waiting` bounded entries may wait behind the one runni
 that); an unbounded entry (the window) always gets a place. A waiting entry can leave at any time, e.g. when its
 HTTP client went away, without having run.
 
+Background work (preparing the next prompt while the user types) takes the engine only when nobody runs or waits,
+and gives it up at once: `enter_if_idle` gets a turn that is preempted (its callback fires, e.g. a cancel token) as
+soon as anyone else enters the queue, so it never delays a real request by more than its cancel takes.
+
 Listeners hear every change (who runs, how many wait), from whichever thread made it.
 """
 
@@ -49,6 +53,7 @@ class Turn:
         self.bounded = bounded
         self.active = False  # it is this turn's go (and it has not left)
         self.left = False
+        self.on_preempt: Callable[[], None] | None = None  # background work: told to stop when anyone else enters
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until it is this turn's go; False when the timeout passed or the turn left the queue first."""
@@ -83,9 +88,27 @@ class EngineQueue:
     def enter(self, label: str, *, bounded: bool = True) -> Turn:
         """A place at the end of the queue; raises QueueFull when `bounded` and `max_waiting` already wait."""
         with self._cond:
-            if bounded and self._running is not None and self._bounded_waiting() >= self.max_waiting:
+            busy = self._running is not None and self._running.on_preempt is None  # background work yields at once
+            if bounded and busy and self._bounded_waiting() >= self.max_waiting:
                 raise QueueFull(f"the model is busy and {self._bounded_waiting()} request(s) are already waiting")
             turn = Turn(self, label, bounded)
+            self._waiting.append(turn)
+            self._advance()
+            state = self._state()
+            preempt = self._running.on_preempt if self._running is not None and self._running is not turn else None
+        if preempt is not None:
+            preempt()
+        self._notify(state)
+        return turn
+
+    def enter_if_idle(self, label: str, on_preempt: Callable[[], None]) -> Turn | None:
+        """A turn at once for background work, or None when someone runs or waits. `on_preempt` is called (from the
+        entering thread) when anyone enters while this turn holds the engine: stop quickly and `leave()`."""
+        with self._cond:
+            if self._running is not None or self._waiting:
+                return None
+            turn = Turn(self, label, bounded=False)
+            turn.on_preempt = on_preempt
             self._waiting.append(turn)
             self._advance()
             state = self._state()

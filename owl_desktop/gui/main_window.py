@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtCore import QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFileDialog,
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from owl_desktop.engine.pipeline import AnswerRecord
     from owl_desktop.gui.models_page import ModelsWindow
     from owl_desktop.gui.settings_dialog import SettingsDialog
+
+
+PREPARE_DEBOUNCE_MS = 300  # the composer's attachments must be still this long before work ahead starts
 
 
 class State(Enum):
@@ -113,6 +116,11 @@ class MainWindow(QMainWindow):
         self._closing = False
 
         self.engine = EngineHost(services.chat, self)
+        # work ahead for the next question (encode the attachments, prefill the prompt) once the composer settles
+        self._prepare_timer = QTimer(self)
+        self._prepare_timer.setSingleShot(True)
+        self._prepare_timer.setInterval(PREPARE_DEBOUNCE_MS)
+        self._prepare_timer.timeout.connect(self._prepare_ahead)
         self.runner = TaskRunner(self)
         self.models = ModelController(services.models, self.runner, self)
         self.api_server = ApiServerToggle(services.chat, self)
@@ -201,6 +209,7 @@ class MainWindow(QMainWindow):
         c.stop_requested.connect(self.stop)
         c.refused.connect(self.show_error)
         c.open_requested.connect(self._open_pending_images)
+        c.strip.changed.connect(self.schedule_prepare)
         self.chat.regenerate_requested.connect(self.regenerate)
         self.chat.edit_requested.connect(self.composer.start_edit)
         self.chat.image_requested.connect(self.show_images)
@@ -323,6 +332,8 @@ class MainWindow(QMainWindow):
             text, sources = self._pending_submission
             self._pending_submission = None
             self._ask(text, sources)
+        else:
+            self.schedule_prepare()  # runs after the engine's warm-up
 
     def _on_model_failed(self, message: str) -> None:
         self.status.set_model(None)
@@ -363,6 +374,17 @@ class MainWindow(QMainWindow):
         self.sidebar.list.clearSelection()
         self.sidebar.list.setCurrentItem(None)
         self.composer.edit.setFocus()
+        self.schedule_prepare()
+
+    def schedule_prepare(self) -> None:
+        """The attachments or the conversation changed: work ahead for the next question once things settle."""
+        self._prepare_timer.start()
+
+    def _prepare_ahead(self) -> None:
+        if self.state is not State.READY or self.engine.busy:
+            return  # an answer or a load runs; the next change (or the answer's end) schedules it again
+        sources = [(img.source, img.name) for img in self.composer.images()]
+        self.engine.prepare(self.current_id, sources)
 
     def open_files(self, files: list[Path]) -> None:
         """Images handed to the app at launch ("Open with"): a new chat with them attached, ready for a question."""
@@ -386,6 +408,7 @@ class MainWindow(QMainWindow):
         self.title.setText(conv.title)
         self.chat.show_messages(messages)
         self.sidebar.select(conv_id)
+        self.schedule_prepare()
         if self.pages.currentWidget() is not self.welcome:
             self.pages.setCurrentWidget(self.chat_page)
 
@@ -556,6 +579,7 @@ class MainWindow(QMainWindow):
         self.set_state(State.READY)
         self.refresh_conversations()
         self.answer_finished.emit()
+        self.schedule_prepare()
 
     def _on_failed(self, conv_id: str | None, message: str, stored: bool) -> None:
         self.chat.fail_answer(message)

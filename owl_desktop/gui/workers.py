@@ -52,12 +52,14 @@ class EngineWorker(QObject):
     finished = Signal(object, object, object)  # conversation id, message, record
     failed = Signal(object, str, bool)  # conversation id, message, whether the question was stored
     idle = Signal()  # the current request is over, whatever the outcome
+    prepared = Signal(object)  # engine.pipeline.PrepareRecord of background work that ran (None: it did not run)
     stop_requested = Signal()  # stop() was called (emitted on the thread that called it, after the stop took effect)
 
     def __init__(self, service: ChatService) -> None:
         super().__init__()
         self._service = service
         self._load_cancel = CancelToken()
+        self._ahead = CancelToken()  # the background work's (warm-up, prepare); every real request fires it first
 
     @property
     def service(self) -> ChatService:
@@ -77,9 +79,12 @@ class EngineWorker(QObject):
         except Exception as exc:  # noqa: BLE001 - every failure becomes a message in the window
             self.model_failed.emit(user_message(exc))
         else:
+            ahead = self._ahead = CancelToken()  # before the window hears of the model: its first ask cancels it
             self.model_loaded.emit(self._service.loaded_model_id or ref, self._service.device_description)
-        finally:
             self.idle.emit()
+            self.prepared.emit(self._service.warm_up(ahead))
+            return
+        self.idle.emit()
 
     @Slot()
     def unload(self) -> None:
@@ -89,6 +94,16 @@ class EngineWorker(QObject):
             self.model_unloaded.emit()
 
     # ----------------------------------------------------------- chat
+
+    @Slot(object, list, object)
+    def prepare(self, conv_id: str | None, sources: list[ImageSource], token: CancelToken) -> None:
+        """Background work while the user types (see ChatService.prepare); emits `prepared`, never `idle`."""
+        self._ahead = token
+        self.prepared.emit(self._service.prepare(conv_id, [src for src, _name in sources], token))
+
+    def cancel_ahead(self) -> None:
+        """Thread-safe: stop the background work now (a real request is coming)."""
+        self._ahead.cancel()
 
     @Slot(object, str, list)
     def ask(self, conv_id: str, text: str, sources: list[ImageSource]) -> None:
@@ -114,6 +129,7 @@ class EngineWorker(QObject):
 
     def stop(self) -> None:
         """Thread-safe: called directly from the GUI thread while a slot runs here."""
+        self._ahead.cancel()
         self._load_cancel.cancel()
         self._service.stop()
         self.stop_requested.emit()  # after the service knows: a direct connection sees a stop already in force
@@ -144,6 +160,7 @@ class EngineHost(QObject):
     regenerate_requested = Signal(object)
     edit_requested = Signal(object, object, str)
     unload_requested = Signal()
+    prepare_requested = Signal(object, list, object)
 
     def __init__(self, service: ChatService, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -156,6 +173,8 @@ class EngineHost(QObject):
         self.regenerate_requested.connect(self.worker.regenerate)
         self.edit_requested.connect(self.worker.edit_and_resend)
         self.unload_requested.connect(self.worker.unload)
+        self.prepare_requested.connect(self.worker.prepare)
+        self._ahead = CancelToken()  # the last prepare request's
         self.worker.idle.connect(self._on_idle)
         self._pending = 0  # requests sent and not yet answered by `idle` (each request ends with exactly one)
         self.thread.start()
@@ -167,19 +186,34 @@ class EngineHost(QObject):
         make that question look finished, or Stop would be ignored."""
         return self._pending > 0
 
+    def prepare(self, conv_id: str | None, sources: list[ImageSource]) -> None:
+        """Work ahead for the next question (replaces the previous background work; a warm-up after a load goes on
+        first); the window never waits on it."""
+        self._ahead.cancel()
+        self._ahead = CancelToken()
+        self.prepare_requested.emit(conv_id, list(sources), self._ahead)
+
+    def _cancel_ahead(self) -> None:
+        self._ahead.cancel()
+        self.worker.cancel_ahead()  # the warm-up after a load has the worker's own token
+
     def load(self, ref: str) -> None:
+        self._cancel_ahead()
         self._pending += 1
         self.load_requested.emit(ref)
 
     def ask(self, conv_id: str, text: str, sources: list[ImageSource]) -> None:
+        self._cancel_ahead()
         self._pending += 1
         self.ask_requested.emit(conv_id, text, sources)
 
     def regenerate(self, conv_id: str) -> None:
+        self._cancel_ahead()
         self._pending += 1
         self.regenerate_requested.emit(conv_id)
 
     def edit_and_resend(self, conv_id: str, user_msg_id: int, text: str) -> None:
+        self._cancel_ahead()
         self._pending += 1
         self.edit_requested.emit(conv_id, user_msg_id, text)
 

@@ -1,0 +1,186 @@
+"""Work ahead while the user types: the window encodes attached images and prefills the prompt in the background,
+and that work never changes an answer nor delays one. Real window (offscreen), real engine thread, tiny demo model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import QElapsedTimer, QTimer  # noqa: E402
+
+from owl_desktop import paths  # noqa: E402
+from owl_desktop.app.chat_service import ChatService, Finished  # noqa: E402
+from owl_desktop.devtools.demo import DEMO_BUNDLE_ID, ensure_demo_bundle  # noqa: E402
+from owl_desktop.engine.pipeline import AnswerRecord, PrepareRecord  # noqa: E402
+from owl_desktop.gui.main_window import MainWindow, State  # noqa: E402
+from owl_desktop.gui.services import build_services  # noqa: E402
+from owl_desktop.tasks import CancelToken  # noqa: E402
+
+WAIT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("work-ahead-demo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OWL_DATA_DIR", str(root / "data"))
+        mp.setenv("OWL_CACHE_DIR", str(root / "cache"))
+        return ensure_demo_bundle()
+
+
+@pytest.fixture
+def pictures(tmp_path: Path) -> list[Path]:
+    out = []
+    for i, (w, h) in enumerate([(320, 200), (200, 260), (240, 240)]):
+        p = tmp_path / f"shot-{i}.png"
+        Image.fromarray(np.random.default_rng(10 + i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        out.append(p)
+    return out
+
+
+def _link_demo(demo_bundle: Path) -> None:
+    link = paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID
+    if not link.exists():
+        link.symlink_to(demo_bundle, target_is_directory=True)
+
+
+@pytest.fixture
+def window(qtbot, demo_bundle: Path) -> Iterator[MainWindow]:  # noqa: ANN001
+    _link_demo(demo_bundle)
+    services = build_services()
+    services.settings.sampling.max_new_tokens = 24
+    services.settings.sampling.temperature = 0.0  # greedy: answers comparable token for token
+    services.settings.engine.threads = 2
+    win = MainWindow(services)
+    qtbot.addWidget(win)
+    win.show()
+    qtbot.waitExposed(win)
+    prepared: list[PrepareRecord | None] = []
+    win.engine.worker.prepared.connect(prepared.append)
+    win.start()
+    qtbot.waitUntil(lambda: win.state is State.READY, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: len(prepared) >= 1, timeout=WAIT_MS)  # the warm-up after the load
+    yield win
+    win.engine.worker.stop()
+
+
+def _wait_prepared(qtbot, win: MainWindow, act: Callable[[], None]) -> PrepareRecord:  # noqa: ANN001
+    """Do `act` and wait for the background work it starts (after the debounce) to end."""
+    records: list[PrepareRecord | None] = []
+    win.engine.worker.prepared.connect(records.append)
+    act()
+    qtbot.waitUntil(lambda: bool(records) and records[-1] is not None, timeout=WAIT_MS)
+    win.engine.worker.prepared.disconnect(records.append)
+    record = records[-1]
+    assert record is not None
+    return record
+
+
+def _send(qtbot, win: MainWindow, text: str) -> AnswerRecord:  # noqa: ANN001
+    records: list[AnswerRecord] = []
+    win.engine.worker.finished.connect(lambda _c, _m, r: records.append(r))
+    win.composer.edit.setPlainText(text)
+    win.composer.submit()
+    qtbot.waitUntil(lambda: bool(records) and win.state is State.READY, timeout=WAIT_MS)
+    return records[-1]
+
+
+def _cold_tokens(chat: ChatService, images: list[Path], text: str, system: str) -> list[int]:
+    """The same question on an empty KV cache (what the answer must be whatever was worked ahead)."""
+    pipe = chat.pipeline
+    assert pipe is not None
+    with chat.queue.enter("test", bounded=False):
+        pipe.llm.reset()
+        stream = pipe.ask(images, text, sampling=chat.default_sampling(), system=system)
+        stream.read()
+        return stream.record.token_ids
+
+
+def test_attached_image_is_ready_when_sent(qtbot, window: MainWindow, pictures: list[Path]) -> None:  # noqa: ANN001
+    prep = _wait_prepared(qtbot, window, lambda: window.composer.add_files(pictures[:1]))
+    assert not prep.cancelled and prep.positions > 65 and prep.encode_ms > 0
+    record = _send(qtbot, window, "What is on the screen?")
+    print(f"worked ahead: {prep}; answer: reused {record.reused_positions}, encode {record.encode_ms} ms")
+    assert record.reused_positions >= prep.positions  # only the question's own tokens were prefilled on Enter
+    assert record.encode_ms == 0 and [t.cached for t in record.images] == [True]
+    stored = window.services.store.messages(window.current_id)[-1]
+    assert stored.meta["reused_positions"] == record.reused_positions and stored.meta["images"][0]["encode_ms"] == 0
+    system = window.services.settings.system_prompt
+    assert record.token_ids == _cold_tokens(window.services.chat, pictures[:1], "What is on the screen?", system)
+
+
+def test_removed_image_is_left_out(qtbot, window: MainWindow, pictures: list[Path]) -> None:  # noqa: ANN001
+    prep = _wait_prepared(qtbot, window, lambda: window.composer.add_files(pictures[:2]))
+    assert prep.positions > 2 * 65
+    window.composer.strip.remove(0)  # sent at once, before any new background work could start
+    record = _send(qtbot, window, "Describe it.")
+    assert [t.sha256 for t in record.images] == [window.services.images.add(pictures[1]).sha256]
+    system = window.services.settings.system_prompt
+    assert record.token_ids == _cold_tokens(window.services.chat, pictures[1:2], "Describe it.", system)
+
+
+def test_typing_never_waits_on_background_work(qtbot, window: MainWindow, pictures: list[Path]) -> None:  # noqa: ANN001
+    """A timer probe measures the event loop's longest stall while images are encoded and prefilled behind it."""
+    clock = QElapsedTimer()
+    clock.start()
+    last = [clock.elapsed()]
+    worst = [0]
+
+    def tick() -> None:
+        now = clock.elapsed()
+        worst[0] = max(worst[0], now - last[0])
+        last[0] = now
+
+    probe = QTimer()
+    probe.setInterval(5)
+    probe.timeout.connect(tick)
+    probe.start()
+    prep = _wait_prepared(qtbot, window, lambda: window.composer.add_files(pictures))
+    probe.stop()
+    print(
+        f"longest event-loop stall during background work ({prep.encode_ms:.0f} ms encode, "
+        f"{prep.prefill_ms:.0f} ms prefill): {worst[0]} ms"
+    )
+    assert prep.encode_ms > 0 and worst[0] < 200
+
+
+def test_prepare_never_delays_an_ask(demo_bundle: Path, pictures: list[Path], tmp_path: Path) -> None:
+    """A question asked while the engine works ahead takes the engine at once and gets a cold run's tokens."""
+    _link_demo(demo_bundle)
+    services = build_services()
+    services.settings.sampling.temperature = 0.0
+    services.settings.sampling.max_new_tokens = 24
+    chat = services.chat
+    chat.load_model(DEMO_BUNDLE_ID)
+    try:
+        many = []
+        for i in range(8):  # enough fresh images that the background work is still encoding when the ask comes
+            p = tmp_path / f"many-{i}.png"
+            Image.fromarray(np.random.default_rng(100 + i).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(p)
+            many.append(p)
+        conv = services.store.create()
+        token = CancelToken()
+        result: list[PrepareRecord | None] = []
+        worker = threading.Thread(target=lambda: result.append(chat.prepare(conv.id, many, token)))
+        worker.start()
+        while chat.queue.state.running != "preparing":
+            time.sleep(0.001)
+        events = list(chat.ask(conv.id, "What is it?", [pictures[0]]))
+        worker.join()
+        finished = [e for e in events if isinstance(e, Finished)]
+        assert len(finished) == 1 and finished[0].record.token_ids
+        assert token.cancelled and result[0] is not None and result[0].cancelled
+        system = services.settings.system_prompt
+        assert finished[0].record.token_ids == _cold_tokens(chat, pictures[:1], "What is it?", system)
+    finally:
+        chat.close()
+        services.store.close()
