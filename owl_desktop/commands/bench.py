@@ -308,10 +308,55 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# bench latency (the measurement lives in owl_desktop/engine/latency_bench.py)
+
+
+def register_latency(benchmarks: argparse._SubParsersAction) -> None:
+    from owl_desktop.commands.engine_args import add_engine_flags
+
+    p = benchmarks.add_parser(
+        "latency",
+        help="first token after Enter: work ahead, cached system prompt, warm start, overflowed conversations",
+        description=(
+            "Time from Enter to the first token with the image attached 0, 2 and 5 s earlier (the engine works "
+            "ahead meanwhile) against the same question sent cold; a new chat with the system prompt cached at load "
+            "against without; the first encode after a load against a steady one; turn T of a conversation that "
+            "overflowed the context against turn 2. Ratios are against baselines measured in the same run."
+        ),
+    )
+    p.add_argument("--model", metavar="BUNDLE", help="bundle folder or id (default: the demo's tiny random bundle)")
+    p.add_argument("--image", type=Path, metavar="PATH", help="image to ask about (default: the demo picture)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--turns", type=int, default=30, help="turns of the long conversation (default 30)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    add_engine_flags(p)
+    p.set_defaults(func=run_latency)
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    import json
+
+    from owl_desktop.commands.engine_args import engine_settings
+    from owl_desktop.devtools.demo import demo_image, ensure_demo_bundle
+    from owl_desktop.engine import latency_bench
+
+    model = args.model or ensure_demo_bundle()
+    result = latency_bench.run(
+        model, engine_settings(args), args.image or demo_image(), repeats=args.repeats, turns=args.turns
+    )
+    print(f"model: {model}")
+    print(result.report())
+    if args.json:
+        print(json.dumps(latency_bench.as_dict(result)))
+    return 0
+
+
 BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_vision,
     register_convert,
     register_engine,
     register_memory,
     register_serve,
+    register_latency,
 ]

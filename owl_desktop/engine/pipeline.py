@@ -178,6 +178,8 @@ class ChatPipeline:
         )
         self._levels = detail_levels(plan)  # most crops per image at each level of detail
         self._sizes: dict[str, tuple[int, int]] = {}  # image sha256 → decoded (width, height): the grid choice
+        # old turns leave the prompt in steps of half the context, so the kept prefix stays reusable turn after turn
+        self.drop_block = self.llm.n_ctx // 2
         self._request = CancelToken()  # the current request's: cancel() stops it at whatever stage it is in
         # the answer ends where the model starts the template's next turn, before it can write the user's line
         self._stop_texts = ("\n" + bundle.prompt.human.strip(), "\n" + bundle.prompt.ai.strip())
@@ -314,6 +316,7 @@ class ChatPipeline:
             reduced_image_rows=[self._rows_at(level, rows_per_view) for level in levels[1:]],
             bos_id=self.bundle.config.text.bos_token_id,
             drop_old_turns=drop_old_turns,
+            drop_block=self.drop_block,
         )
         if crops:
             timings, encoded = self._encode_prompt_views(prompt, keyed, decoded, task)

@@ -169,6 +169,7 @@ def build_prompt(
     reduced_image_rows: Sequence[ImageRows] = (),
     bos_id: int = BOS_ID,
     drop_old_turns: bool = True,
+    drop_block: int = 0,
 ) -> Prompt:
     """Segments for the conversation `turns`, the last of which is the question being asked (answer None).
 
@@ -177,6 +178,9 @@ def build_prompt(
     which it fits); older turns are then added newest first while they fit, and the rest are dropped.
     With `drop_old_turns` False every turn is kept and the answer gets what room is left (at least
     `min_new_tokens`), or ContextFull is raised: for callers that must not lose history silently (the API).
+    With `drop_block` > 0, turns are left out in blocks of at least that many positions, counted from the start of
+    the conversation: the kept turns then stay the same, and their KV cache reusable, for many turns in a row
+    (dropping just enough would change the prompt's beginning, so re-prefill nearly all of it, at every turn).
     Raises PromptError for an empty question, ContextFull for a conversation (or a current turn, at every level of
     detail) that cannot fit.
     """
@@ -238,6 +242,10 @@ def build_prompt(
         if candidate[1] + reserve > n_ctx:
             break
         best, first = candidate, first - 1
+    if drop_block > 0 and first > 0:
+        boundary = _block_boundary(turns[:last], first, drop_block, lambda t: _turn_cost(t, tpl, levels[0], ids_of))
+        if boundary != first:
+            best, first = plan(boundary, level), boundary
     segments, n_positions, text = best
     return Prompt(
         segments=segments,
@@ -274,6 +282,25 @@ def _layout(
             parts.text(turn.answer.strip())
         sep = "\n"
     return parts
+
+
+def _turn_cost(turn: Turn, tpl: PromptTemplate, rows: Callable[[str], int], ids_of: Tokenize) -> int:
+    """About the positions one answered turn takes (its own text tokenized alone): what drop blocks are counted in."""
+    text = tpl.human + turn.question.strip() + "\n" + tpl.ai + (turn.answer or "").strip()
+    return len(ids_of(text)) + sum(rows(k) + len(ids_of(tpl.human)) for k in turn.images)
+
+
+def _block_boundary(history: Sequence[Turn], first: int, block: int, cost: Callable[[Turn], int]) -> int:
+    """The first turn to keep: the earliest start of a block at or after `first` (blocks of at least `block`
+    positions from the conversation's start; with none, every earlier turn is left out)."""
+    start, acc = 0, 0
+    for i, turn in enumerate(history):
+        if start >= first:
+            return start
+        acc += cost(turn)
+        if acc >= block:
+            start, acc = i + 1, 0
+    return start if start >= first else len(history)
 
 
 def _validate(turns: Sequence[Turn]) -> None:
