@@ -102,6 +102,8 @@ class MessageBubble(QFrame):
         self.msg_id = msg_id
         self.text = text
         self.streaming = False
+        self._settled: list[QLabel] = []  # while streaming: labels of the blocks that can no longer change
+        self._settled_at = 0  # where the text they show ends
         self.setObjectName("Bubble")
         self.setProperty("role", role)
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
@@ -143,14 +145,47 @@ class MessageBubble(QFrame):
 
     def set_text(self, text: str) -> None:
         self.text = text
-        if self.role == "assistant":
-            shown = text if text else "…"
+        if self.role == "assistant" and self.streaming:
+            self._set_streamed(text)
+        elif self.role == "assistant":
+            self._drop_settled()
             self.label.setTextFormat(Qt.TextFormat.RichText)
-            self.label.setText(markdown.render(shown + (" ▍" if self.streaming else ""), colors()))
+            self.label.setText(markdown.render(text if text else "…", colors()))
         else:
             self.label.setTextFormat(Qt.TextFormat.PlainText)
             self.label.setText(text)
         self.label.setAccessibleDescription(text)
+
+    def _set_streamed(self, text: str) -> None:
+        """While an answer streams: blocks that can no longer change are rendered once, each into a label of its
+        own, and only the open block is rendered again at each flush, so a flush costs the same at any length."""
+        settled = markdown.settled_length(text)
+        if settled < self._settled_at:  # the text was replaced, not extended
+            self._drop_settled()
+        if settled > self._settled_at:
+            block = self._text_label(markdown.render(text[self._settled_at : settled], colors()))
+            layout = self.layout()
+            layout.insertWidget(layout.indexOf(self.label), block)
+            self._settled.append(block)
+            self._settled_at = settled
+        self.label.setTextFormat(Qt.TextFormat.RichText)
+        self.label.setText(markdown.render((text[settled:] or ("" if settled else "…")) + " ▍", colors()))
+
+    def _text_label(self, html: str) -> QLabel:
+        label = QLabel(html)
+        label.setObjectName("BubbleText")
+        label.setTextFormat(Qt.TextFormat.RichText)
+        label.setWordWrap(True)
+        label.setTextInteractionFlags(self.label.textInteractionFlags())
+        label.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Minimum)
+        label.setMinimumWidth(self.label.minimumWidth())
+        return label
+
+    def _drop_settled(self) -> None:
+        for block in self._settled:
+            block.setParent(None)
+            block.deleteLater()
+        self._settled, self._settled_at = [], 0
 
     def fit(self, max_width: int) -> None:
         """As wide as its content needs, never wider than `max_width` (long text wraps)."""
@@ -162,7 +197,8 @@ class MessageBubble(QFrame):
             natural = max_width  # code blocks and tables get the room they need
         thumbs = self.findChildren(Thumbnail)
         natural = max(natural, len(thumbs) * (THUMB + 6), 120)
-        self.label.setMinimumWidth(min(natural, max_width - 28))
+        for label in (*self._settled, self.label):
+            label.setMinimumWidth(min(natural, max_width - 28))
 
     def set_meta(self, text: str) -> None:
         self.meta.setText(text)
@@ -170,6 +206,7 @@ class MessageBubble(QFrame):
     def retint(self) -> None:
         for b in (self.copy_button, self.edit_button, self.regenerate_button):
             b.setIcon(icon(b.property("icon_name"), colors().muted))
+        self._drop_settled()  # rendered with the old colours
         self.set_text(self.text)
 
 

@@ -51,3 +51,19 @@ def render(text: str, c: Colors) -> str:
             frame.setFormat(tfmt)
     # the label's own font and colour apply: drop the document's fixed body font
     return _BODY_STYLE.sub("<body>", doc.toHtml(), count=1)
+
+
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+
+
+def settled_length(text: str) -> int:
+    """Where the part of a growing Markdown text that can no longer change its rendering ends: after its last blank
+    line outside a code fence (later text starts a new block). Streaming renders that part once, the rest each time."""
+    settled, pos, fenced = 0, 0, False
+    for line in text.splitlines(keepends=True):
+        pos += len(line)
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and not line.strip() and line.endswith("\n") and pos < len(text):
+            settled = pos
+    return settled
