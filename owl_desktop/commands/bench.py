@@ -352,6 +352,37 @@ def run_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# bench gui-stall (the measurement lives in owl_desktop/gui/stall_bench.py)
+
+
+def register_gui_stall(benchmarks: argparse._SubParsersAction) -> None:
+    p = benchmarks.add_parser(
+        "gui-stall",
+        help="the window's longest event-loop stall: background prefill, a streaming answer, a long conversation",
+        description=(
+            "Opens the window on a throw-away data folder and measures, with a 5 ms timer probe, the longest the "
+            "event loop stalls while the engine works ahead on attached images, while a 500-token answer streams "
+            "(against the same stream re-rendered whole at every flush), and while a 50-turn conversation with 20 "
+            "images is opened and scrolled."
+        ),
+    )
+    p.add_argument("--model", metavar="BUNDLE", help="bundle folder (default: the demo's tiny random bundle)")
+    p.add_argument("--tokens-per-s", type=float, default=25.0, help="pace of the streamed answer (default 25)")
+    p.set_defaults(func=run_gui_stall)
+
+
+def run_gui_stall(args: argparse.Namespace) -> int:
+    from owl_desktop import bundle as bundle_mod
+    from owl_desktop.devtools.demo import ensure_demo_bundle
+    from owl_desktop.gui import stall_bench
+
+    model = bundle_mod.resolve(args.model) if args.model else ensure_demo_bundle()
+    print(f"model: {model}")
+    print(stall_bench.run(Path(model), args.tokens_per_s).report())
+    return 0
+
+
 BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_vision,
     register_convert,
@@ -359,4 +390,5 @@ BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_memory,
     register_serve,
     register_latency,
+    register_gui_stall,
 ]
