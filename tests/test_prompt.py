@@ -180,6 +180,27 @@ def test_drops_oldest_turns_to_fit(sp: spm.SentencePieceProcessor) -> None:
     assert prompt.image_keys == [key for t in turns[k:] for key in t.images]
 
 
+def test_old_turns_leave_in_blocks_so_the_prefix_stays_the_same(sp: spm.SentencePieceProcessor) -> None:
+    """Turn after turn of a growing conversation: dropping just enough changes the kept first turn at nearly every
+    turn (so the KV cache is re-prefilled), dropping in blocks keeps it for several turns, then jumps."""
+    n_ctx, reserve, block = 700, 128, 350
+    grown = long_conversation(24)
+    history, asked = grown[:-1], grown[-1]
+    firsts: dict[int, list[int]] = {0: [], block: []}
+    for n in range(1, len(history) + 1):
+        turns = [*history[:n], asked]
+        for step in firsts:
+            prompt = build_prompt(turns, lambda t: encode(sp, t), n_ctx=n_ctx, max_new_tokens=reserve, drop_block=step)
+            k = prompt.dropped_turns
+            assert prompt.text == render_text(turns[k:]) and prompt.n_positions + prompt.max_new_tokens <= n_ctx
+            firsts[step].append(k)
+    just_enough, blocks = firsts[0], firsts[block]
+    assert all(b >= j for b, j in zip(blocks, just_enough, strict=True))  # never more than fits
+    changes = [sum(1 for a, b in zip(ks, ks[1:], strict=False) if a != b) for ks in (just_enough, blocks)]
+    print(f"turns whose kept prefix changed: just enough {changes[0]}, in blocks {changes[1]} of {len(history)}")
+    assert changes[0] > 2 * changes[1] > 0
+
+
 def test_keeping_every_turn_refuses_what_cannot_fit(sp: spm.SentencePieceProcessor) -> None:
     turns = long_conversation(12)
     needed = cost(sp, turns) + 16

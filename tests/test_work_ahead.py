@@ -184,3 +184,24 @@ def test_prepare_never_delays_an_ask(demo_bundle: Path, pictures: list[Path], tm
     finally:
         chat.close()
         services.store.close()
+
+
+def test_streamed_answer_renders_each_finished_block_once(qtbot) -> None:  # noqa: ANN001
+    """Blocks before a blank line (outside code fences) are settled; the streamed answer ends as one rendering."""
+    from owl_desktop.gui import markdown
+    from owl_desktop.gui.chat_view import ChatView
+    from owl_desktop.store.images import ImageStore
+
+    assert markdown.settled_length("One.\n\nTwo") == len("One.\n\n")
+    assert markdown.settled_length("```\ncode\n\nmore") == 0  # inside a fence nothing is settled
+    assert markdown.settled_length("One.\n\n") == 0  # the blank line may still grow into the next block
+    view = ChatView(ImageStore())
+    qtbot.addWidget(view)
+    bubble = view.begin_answer()
+    text = "\n\n".join(f"Paragraph {i} with **bold** words." for i in range(6))
+    for word in text.split(" "):
+        view.append_text(word + " ")
+        view.flush()
+    assert view.streaming_text().strip() == text
+    view.finish_answer(None, None)
+    assert bubble.text.strip() == text and "Paragraph 5" in bubble.label.text() and "Paragraph 0" in bubble.label.text()
