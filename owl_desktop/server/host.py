@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from owl_desktop.app.engine_queue import EngineQueue
 from owl_desktop.errors import OwlError
+from owl_desktop.tasks import CancelToken
 
 if TYPE_CHECKING:
     from owl_desktop.engine.options import Sampling
@@ -77,6 +78,21 @@ class StandaloneModel:
         finally:
             self._loading = False
 
+    def warm_up(self) -> None:
+        """After a load, while no request came yet: the vision tower's first run and the default system prompt's KV
+        (engine/pipeline.py); the first request preempts it at once."""
+        token = CancelToken()
+        turn = self._queue.enter_if_idle("warming up", token.cancel)
+        if turn is None:
+            return
+        try:
+            if self._pipeline is not None:
+                self._pipeline.warm_up(cancel=token)
+        except Exception:  # noqa: BLE001 - background work: a failure here only costs speed
+            log.exception("warming the model up failed")
+        finally:
+            turn.leave()
+
     def load_in_background(self, done: Callable[[str | None, OwlError | None], None]) -> threading.Thread:
         """Start loading; `done(model_id, None)` or `done(None, error)` is called from the loading thread."""
         self._loading = True  # at once: requests arriving before the thread runs get 503, not "no model"
@@ -94,6 +110,7 @@ class StandaloneModel:
                 done(None, self.error)
                 return
             done(model_id, None)
+            self.warm_up()
 
         thread = threading.Thread(target=run, name="owl-model-load", daemon=True)
         thread.start()
