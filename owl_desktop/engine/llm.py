@@ -369,6 +369,7 @@ class LlamaEngine:
                 return self._prefill(segments, keep_last=True)
             finally:
                 L.llama_set_abort_callback(self.ctx, _NO_ABORT, None)
+                self._cancel = CancelToken()  # a later prefill() without a token must not inherit this one
 
     def _prefill(self, segments: Sequence[Segment], keep_last: bool = False) -> tuple[int, int]:
         keys = self.positions(segments)
