@@ -249,7 +249,8 @@ class ChatService:
                 conv = self.store.get(conv_id)
                 system = conv.system_prompt if conv.system_prompt is not None else system
                 history = self._history(conv_id)
-            return pipe.prepare(list(image_sources), history, system=system, cancel=cancel)
+            room = self.settings.to_sampling().max_new_tokens  # the answer's room decides which old turns fit
+            return pipe.prepare(list(image_sources), history, system=system, cancel=cancel, max_new_tokens=room)
         except OwlError as exc:
             log.info("preparing the next prompt did not work out: %s", exc.message)
             return None
