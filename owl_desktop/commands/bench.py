@@ -231,6 +231,8 @@ def run_engine(args: argparse.Namespace) -> int:
 
 
 def register_memory(benchmarks: argparse._SubParsersAction) -> None:
+    from owl_desktop.commands.engine_args import add_engine_flags
+
     p = benchmarks.add_parser(
         "memory",
         help="peak RSS (anonymous / file-backed), load, encode, prefill, decode per way of holding the weights",
@@ -245,12 +247,13 @@ def register_memory(benchmarks: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="BUNDLE", help="bundle folder or id (default: the demo's tiny random bundle)")
     p.add_argument("--image", type=Path, metavar="PATH", help="image to ask about (default: the demo picture)")
     p.add_argument("--tokens", type=int, default=256, metavar="N", help="tokens to generate (default: 256)")
-    p.add_argument("--threads", type=int, metavar="N", help="LLM threads (default: physical cores)")
     p.add_argument("--configs", nargs="+", metavar="NAME", help="configurations to run (default: all four)")
+    add_engine_flags(p)
     p.set_defaults(func=run_memory)
 
 
 def run_memory(args: argparse.Namespace) -> int:
+    from owl_desktop.commands.engine_args import engine_settings
     from owl_desktop.devtools.demo import demo_image, ensure_demo_bundle
     from owl_desktop.engine import bench_memory
 
@@ -260,7 +263,8 @@ def run_memory(args: argparse.Namespace) -> int:
         print(f"unknown configuration {unknown[0]!r}; choose from: {', '.join(bench_memory.CONFIGS)}")
         return 2
     model = str(args.model or ensure_demo_bundle())
-    print(bench_memory.run(model, configs, args.tokens, args.threads, args.image or demo_image()))
+    llm = engine_settings(args).llm
+    print(bench_memory.run(model, configs, args.tokens, llm, args.image or demo_image()))
     return 0
 
 

@@ -71,13 +71,13 @@ def _peak() -> float:
     return 0.0
 
 
-def measure_one(bundle: str, config: str, tokens: int, threads: int | None, image: str) -> MemoryRun:
-    """Child-process body: one configuration from load to the last token."""
+def measure_one(bundle: str, config: str, tokens: int, llm_json: str, image: str) -> MemoryRun:
+    """Child-process body: one configuration from load to the last token, with these LlmSettings fields."""
     from owl_desktop.engine.options import LlmSettings, Sampling
     from owl_desktop.engine.pipeline import ChatPipeline, EngineSettings
 
-    knobs = CONFIGS[config]
-    settings = EngineSettings(llm=LlmSettings(n_threads=threads, **knobs), disk_cache=False)
+    llm = LlmSettings(**{**json.loads(llm_json), **CONFIGS[config]})
+    settings = EngineSettings(llm=llm, disk_cache=False)
     t0 = time.perf_counter()
     pipe = ChatPipeline.open(bundle, settings)
     load_s = time.perf_counter() - t0
@@ -144,13 +144,14 @@ def read_bandwidth_gbs(nbytes: int, threads: int) -> float:
     return best
 
 
-def run(bundle: str, configs: list[str], tokens: int, threads: int | None, image: Path) -> str:
+def run(bundle: str, configs: list[str], tokens: int, llm: Any, image: Path) -> str:
+    """`llm`: the LlmSettings every configuration starts from (threads, context, KV type, flash attention)."""
     from owl_desktop import bundle as bundle_mod
     from owl_desktop.engine.llm import physical_cores
 
     b = bundle_mod.load(bundle, verify=False)
     weights = b.files[bundle_mod.llm_filename(b.quant)].size
-    n_threads = threads or physical_cores()
+    n_threads = llm.n_threads or physical_cores()
     runs: list[MemoryRun] = []
     vision = b.files[bundle_mod.VISION_FILE].size
     lines = [f"bundle {b.id}: LLM {weights / 1e9:.2f} GB ({b.quant}), vision {vision / 1e9:.2f} GB"]
@@ -158,12 +159,11 @@ def run(bundle: str, configs: list[str], tokens: int, threads: int | None, image
         code = (
             "import json, sys; from dataclasses import asdict; "
             "from owl_desktop.engine.bench_memory import measure_one; "
-            "print('RESULT ' + json.dumps(asdict(measure_one(*sys.argv[1:3], int(sys.argv[3]), "
-            "int(sys.argv[4]) or None, sys.argv[5]))))"
+            "print('RESULT ' + json.dumps(asdict(measure_one(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6]))))"
         )
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         done = subprocess.run(
-            [sys.executable, "-c", code, bundle, config, str(tokens), str(threads or 0), str(image)],
+            [sys.executable, "-c", code, bundle, config, str(tokens), json.dumps(asdict(llm)), str(image)],
             capture_output=True,
             text=True,
             env=env,
@@ -197,7 +197,7 @@ def run(bundle: str, configs: list[str], tokens: int, threads: int | None, image
     lines.append(
         f"ratios: prefill and decode against the best configuration of this run; peak against the lowest "
         f"({lowest_peak:.2f} GB); {runs[0].prefill_positions} prompt positions, {runs[0].decode_tokens} tokens; "
-        f"backend: {runs[0].backend}"
+        f"context {llm.n_ctx}, KV {llm.kv_type}, flash attention {llm.flash_attn}; backend: {runs[0].backend}"
     )
     lines.append(json.dumps([asdict(r) for r in runs]))
     return "\n".join(lines)

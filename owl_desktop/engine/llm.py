@@ -198,7 +198,7 @@ class LlamaEngine:
         # AMX weight buffers die with SIGILL where the CPU reports AMX but the kernel or hypervisor does not enable
         # it (seen on our virtual machines). Keep quantized weights in plain buffers when the build has AMX.
         mp.use_extra_bufts = s.repack and not build_has_amx()
-        mp.use_mmap = s.use_mmap
+        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if s.use_mmap else L.LLAMA_LOAD_MODE_NONE  # (no use_mmap field)
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise EngineError(f"llama.cpp could not load {path.name}: {_last_error()}")
