@@ -90,6 +90,8 @@ def _run_quantize(src: str, dst: str, ftype: int, threads: int, conn: Connection
     """Child process body: call llama_model_quantize, forwarding progress and errors through `conn`."""
     import llama_cpp
 
+    from owl_desktop.engine.llm_backends import load_backends
+
     def on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         line = text.decode("utf-8", "replace")
         m = _PROGRESS.search(line)
@@ -100,6 +102,8 @@ def _run_quantize(src: str, dst: str, ftype: int, threads: int, conn: Connection
 
     callback = llama_cpp.llama_log_callback(on_log)  # kept alive for the whole call
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    # before llama_backend_init, whose own backend search would look in the current directory
+    load_backends(gpu=False)
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
