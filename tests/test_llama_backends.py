@@ -19,8 +19,8 @@ from PIL import Image
 from owl_desktop.cli import main as cli_main
 from owl_desktop.convert.converter import convert_checkpoint
 from owl_desktop.devtools.tiny_checkpoint import make_checkpoint
-from owl_desktop.engine.llm_backends import CPU_VARIANT_ENV, lib_dir
 from owl_desktop.engine.llm import backends
+from owl_desktop.engine.llm_backends import CPU_VARIANT_ENV, lib_dir
 
 # ggml's x86 CPU variants (ggml/src/CMakeLists.txt) and the /proc/cpuinfo flags each one's code needs.
 _HASWELL = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}

@@ -1,5 +1,6 @@
-"""The language model in llama.cpp. llama.cpp's bindings live in two modules only: this one (inference) and its
-sibling llm_quantize.py (quantization); nothing else imports llama_cpp.
+"""The language model in llama.cpp. llama.cpp's bindings live in three modules only: this one (inference), its
+sibling llm_backends.py (which backend modules load) and llm_quantize.py (quantization); nothing else imports
+llama_cpp.
 
 A prompt is an ordered list of segments, token ids or embedding rows (65 per image). Each segment gets its
 own `llama_decode` calls (a batch holds tokens or embeddings, never both), chunked to n_batch (a bigger batch

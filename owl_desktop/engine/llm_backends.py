@@ -1,5 +1,8 @@
 """Which llama.cpp backends this process runs on: the best CPU variant this computer can run, and the GPU backends.
 
+One of the three modules that touch llama.cpp (with llm.py and llm_quantize.py); this one speaks to ggml's backend
+registry in libggml through ctypes, as llama-cpp-python has no bindings for it.
+
 Our llama.cpp build (packaging/install-llama-cpp) makes every backend a loadable module next to libllama: one CPU
 backend per instruction-set level (`libggml-cpu-haswell.so`, `-skylakex`, `-zen4`, `-sapphirerapids`...) and
 `libggml-vulkan.so`. llama-cpp-python never loads them itself, and llama.cpp's own fallback searches only the

@@ -1,7 +1,7 @@
 """Quantize a GGUF with llama.cpp's `llama_model_quantize`.
 
-llama.cpp's bindings live in two modules only: engine/llm.py (inference) and this sibling (quantization, used by
-the converter). Nothing else imports llama_cpp.
+llama.cpp's bindings live in three modules only: engine/llm.py (inference), engine/llm_backends.py (which backend
+modules load) and this sibling (quantization, used by the converter). Nothing else imports llama_cpp.
 
 It runs in a child process (multiprocessing, spawn): the C call cannot be interrupted, and a failed GGML_ASSERT
 inside it would abort the whole app. The child forwards llama.cpp's per-tensor log lines as progress and its
