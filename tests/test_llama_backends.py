@@ -136,10 +136,17 @@ def test_a_forced_lower_variant_answers_identically(
     assert there["token_ids"] == here["token_ids"]
 
 
-def test_a_variant_this_computer_cannot_use_is_a_clear_error(tmp_path: Path) -> None:
+@dispatching
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [("no-such-cpu", "this llama.cpp build has"), ("sapphirerapids", "cannot run on this computer; it can run")],
+)
+def test_a_variant_this_computer_cannot_use_is_a_clear_error(variant: str, message: str) -> None:
+    if variant in backends().runnable_variants:
+        pytest.skip(f"this computer runs {variant}")
     proc = subprocess.run(
         [sys.executable, "-m", "owl_desktop", "--version"],
-        env={**os.environ, CPU_VARIANT_ENV: "no-such-cpu"},
+        env={**os.environ, CPU_VARIANT_ENV: variant},
         capture_output=True,
         text=True,
         timeout=120,
@@ -147,8 +154,8 @@ def test_a_variant_this_computer_cannot_use_is_a_clear_error(tmp_path: Path) -> 
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("owl-desktop ")
-    if backends().cpu_variant != "built-in":
-        assert lines[1].startswith(f"llama.cpp: unavailable ({CPU_VARIANT_ENV}=no-such-cpu: this llama.cpp build has")
+    assert lines[1].startswith(f"llama.cpp: unavailable ({CPU_VARIANT_ENV}={variant}")
+    assert message in lines[1]
 
 
 def test_version_names_the_cpu_variant_and_gpu(capsys: pytest.CaptureFixture[str]) -> None:

@@ -90,6 +90,7 @@ def backends() -> LlamaBackends:
         if _backends is None:
             L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))  # first: backend loading logs through it too
             loaded = load_backends()
+            _log_lines.clear()  # a GPU module without its driver is no error of the model loaded later
             L.llama_backend_init()
             _backends = loaded
         return _backends

@@ -78,7 +78,7 @@ class LlamaBackends:
     runnable_variants: tuple[str, ...]  # of those, the ones this computer can run
     gpu_backends: tuple[str, ...]  # GPU backends loaded, with or without a device, e.g. ("Vulkan",)
     gpu_devices: tuple[GpuDevice, ...]  # the devices they found; llama.cpp offloads to these
-    notes: tuple[str, ...] = ()  # backends that could not load, and why
+    unavailable: tuple[tuple[str, str], ...] = ()  # (module, why) for GPU backend modules that could not load here
     amx_trap: bool = False  # the CPU code has AMX kernels the kernel does not enable (a -march=native build only)
 
     @property
@@ -94,8 +94,9 @@ class LlamaBackends:
         gpu = self.gpu
         if gpu is not None:
             return f"{cpu} · GPU {gpu.backend}: {gpu.description}"
-        loaded = ", ".join(self.gpu_backends)
-        return f"{cpu} · GPU: none" + (f" ({loaded}: no device)" if loaded else "")
+        why = [f"{name}: no device" for name in self.gpu_backends]
+        why += [f"{module}: not loadable here" for module, _ in self.unavailable]
+        return f"{cpu} · GPU: none" + (f" ({'; '.join(why)})" if why else "")
 
 
 _lock = threading.Lock()
@@ -253,9 +254,9 @@ def _features(ggml: ctypes.CDLL, reg: int) -> tuple[str, ...]:
 
 
 def _load_gpu_modules(ggml: ctypes.CDLL, directory: Path) -> list[str]:
-    """Load every non-CPU backend module (Vulkan, CUDA...); notes for those that cannot load here."""
+    """Load every non-CPU backend module (Vulkan, CUDA...); (module, why) for those that cannot load here."""
     prefix, ext = _module_names()
-    notes: list[str] = []
+    unavailable: list[tuple[str, str]] = []
     for path in sorted(directory.glob(f"{prefix}*{ext}")):
         kind = path.name[len(prefix) : -len(ext)]
         if kind == "base" or kind == "cpu" or kind.startswith("cpu-"):
@@ -263,16 +264,20 @@ def _load_gpu_modules(ggml: ctypes.CDLL, directory: Path) -> list[str]:
         try:  # a missing run-time (libvulkan.so.1, libcuda.so.1) is normal: say so once, quietly
             probe = ctypes.CDLL(str(path))
         except OSError as exc:
-            notes.append(f"{kind}: {exc}")
+            unavailable.append((kind, str(exc)))
             continue
         if not ggml.ggml_backend_load(str(path).encode()):
-            notes.append(f"{kind}: did not initialise")
+            unavailable.append((kind, "did not initialise (no driver?)"))
         _close(probe)
-    return notes
+    return unavailable
 
 
 def _describe(
-    ggml: ctypes.CDLL, variant: str, ranked: tuple[str, ...], runnable: tuple[str, ...], notes: list[str]
+    ggml: ctypes.CDLL,
+    variant: str,
+    ranked: tuple[str, ...],
+    runnable: tuple[str, ...],
+    unavailable: list[tuple[str, str]],
 ) -> LlamaBackends:
     cpu_features: tuple[str, ...] = ()
     gpu_backends: list[str] = []
@@ -308,7 +313,7 @@ def _describe(
         runnable_variants=runnable,
         gpu_backends=tuple(gpu_backends),
         gpu_devices=tuple(devices),
-        notes=tuple(notes),
+        unavailable=tuple(unavailable),
     )
 
 
@@ -328,8 +333,8 @@ def load_backends(*, gpu: bool = True) -> LlamaBackends:
             _loaded = _describe(ggml, "built-in", (), (), [])
             return _loaded
         variant, path, ranked, runnable = _choose_cpu_variant(directory)
-        notes = _load_gpu_modules(ggml, directory) if gpu else []
+        unavailable = _load_gpu_modules(ggml, directory) if gpu else []
         if not ggml.ggml_backend_load(str(path).encode()):
             raise EngineError(f"llama.cpp's CPU backend {path.name} did not load")
-        _loaded = _describe(ggml, variant, ranked, runnable, notes)
+        _loaded = _describe(ggml, variant, ranked, runnable, unavailable)
         return _loaded
