@@ -118,9 +118,28 @@ def _module_names() -> tuple[str, str]:
     return ("ggml-", ".dll") if sys.platform == "win32" else ("libggml-", ".so")
 
 
+def _loaded_ggml(directory: Path) -> ctypes.CDLL:
+    """The libggml that libllama itself uses. Its registry is the one llama.cpp reads; another copy has its own.
+
+    The wheel holds libggml.so and libggml.so.0 as two files (wheels have no symlinks) and libllama links the
+    second: opening the first by path would load a second copy. So ask the dynamic loader for what is already loaded.
+    """
+    import llama_cpp  # noqa: F401 - loads libllama, and with it libggml
+
+    if sys.platform == "win32":
+        return ctypes.CDLL(str(directory / "ggml.dll"))  # Windows keeps one module per name
+    if sys.platform == "darwin":
+        return ctypes.CDLL(str(directory / "libggml.dylib"))
+    for name in sorted(p.name for p in directory.glob("libggml.so*")):  # libggml.so, libggml.so.0, ...
+        try:
+            return ctypes.CDLL(name, mode=os.RTLD_NOLOAD)  # by soname: only an already loaded library
+        except OSError:
+            continue
+    return ctypes.CDLL(str(directory / "libggml.so"))
+
+
 def _ggml(directory: Path) -> ctypes.CDLL:
-    name = {"win32": "ggml.dll", "darwin": "libggml.dylib"}.get(sys.platform, "libggml.so")
-    lib = ctypes.CDLL(str(directory / name))  # already loaded by libllama: the same handle
+    lib = _loaded_ggml(directory)
     vp, cp, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
     for fn, args, res in (
         ("ggml_backend_load", [cp], vp),
