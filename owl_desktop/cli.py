@@ -13,12 +13,32 @@ from owl_desktop.commands import COMMANDS
 from owl_desktop.errors import OwlError
 
 
+def version_text() -> str:
+    """Our version, and what llama.cpp runs on here (CPU variant, GPU backend)."""
+    try:
+        from owl_desktop.engine.llm import backends
+
+        llama = backends().summary()
+    except (OwlError, OSError, ImportError) as exc:
+        llama = f"unavailable ({exc})"
+    return f"owl-desktop {__version__}\nllama.cpp: {llama}"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="owl-desktop",
         description="Private, local chat about images with mPLUG-Owl. Without a command, opens the app.",
     )
-    parser.add_argument("--version", action="version", version=f"owl-desktop {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and llama.cpp's CPU variant and GPU")
     parser.add_argument(
         "--self-test",
         action="store_true",

@@ -1,8 +1,8 @@
 """A minimal llama.cpp runner for tests: load a GGUF, tokenize, detokenize, last-position logits.
 
 Exactness settings: flash attention off and an F32 KV cache (an F16 cache alone rounds K/V by ~1e-3), CPU only.
-`use_extra_bufts` is off: on the CI's virtual machines the CPU reports AMX, but the kernel does not grant it, and
-llama.cpp's AMX buffers for quantized weights die with SIGILL there. The arithmetic is the same without them.
+`use_extra_bufts` is off: the arithmetic is the same without the repacked weight buffers, and a -march=native build
+on a machine whose CPU reports AMX that the kernel does not grant dies with SIGILL in its AMX buffers.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 import llama_cpp as L
 import numpy as np
 
+from owl_desktop.engine.llm_backends import load_backends
+
 _SILENT = L.llama_log_callback(lambda level, text, user: None)  # module-level: must outlive every call
 _ready = False
 
@@ -22,6 +24,7 @@ def _init() -> None:
     global _ready
     if not _ready:
         L.llama_log_set(_SILENT, ctypes.c_void_p(0))
+        load_backends()  # our build's backends are modules that llama_backend_init would not find
         L.llama_backend_init()
         _ready = True
 

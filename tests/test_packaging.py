@@ -131,6 +131,10 @@ def test_llama_cpp_hook_collects_the_libraries() -> None:
     names = {Path(src).name for src, _ in namespace["binaries"]}  # type: ignore[attr-defined]
     assert "libllama.so" in names and "libggml.so" in names
     assert not any(name.count(".") > 2 for name in names), "fully versioned duplicates are not needed"
+    # every backend module (CPU variants, Vulkan) travels too: nothing links to them, llm_backends loads them
+    from owl_desktop.engine.llm_backends import lib_dir
+
+    assert {p.name for p in lib_dir().glob("libggml-*.so")} <= names
 
 
 def test_spec_wires_hooks_entry_and_pruning() -> None:

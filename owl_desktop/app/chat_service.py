@@ -185,13 +185,12 @@ class ChatService:
 
     @property
     def device_description(self) -> str:
-        """e.g. "vision: cpu, bf16 · LLM: CPU, 8 threads · context 2048", or "" with no model."""
+        """e.g. "vision: cpu, bf16 · LLM: CPU zen4, 8 threads · context 2048", or "" with no model."""
         pipe = self._pipeline
         if pipe is None:
             return ""
         llm = pipe.llm
-        where = "GPU" if llm.gpu_offload else "CPU"
-        return f"vision: {pipe.vision.description} · LLM: {where}, {llm.threads} threads · context {llm.n_ctx}"
+        return f"vision: {pipe.vision.description} · LLM: {llm.device}, {llm.threads} threads · context {llm.n_ctx}"
 
     def installed_models(self) -> list[InstalledModel]:
         return installed_models()

@@ -121,7 +121,9 @@ def run_ask(args: argparse.Namespace) -> int:
         answer = pipe.ask(images, args.question, history, sampling=sampling(args), system=system)
         if args.json:
             answer.read()
-            print(json.dumps(record_json(answer.record), ensure_ascii=False))
+            out = record_json(answer.record)
+            out["llm_device"] = pipe.llm.device  # e.g. "CPU zen4" or "Vulkan: llvmpipe (...)"
+            print(json.dumps(out, ensure_ascii=False))
         else:
             stream_answer(answer)
             print_notes(answer.record)

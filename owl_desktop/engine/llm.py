@@ -1,5 +1,6 @@
-"""The language model in llama.cpp. llama.cpp's bindings live in two modules only: this one (inference) and its
-sibling llm_quantize.py (quantization); nothing else imports llama_cpp.
+"""The language model in llama.cpp. llama.cpp's bindings live in three modules only: this one (inference), its
+sibling llm_backends.py (which backend modules load) and llm_quantize.py (quantization); nothing else imports
+llama_cpp.
 
 A prompt is an ordered list of segments, token ids or embedding rows (65 per image). Each segment gets its
 own `llama_decode` calls (a batch holds tokens or embeddings, never both), chunked to n_batch (a bigger batch
@@ -28,6 +29,7 @@ from typing import Any
 import llama_cpp as L
 import numpy as np
 
+from owl_desktop.engine.llm_backends import GpuDevice, LlamaBackends, load_backends
 from owl_desktop.engine.options import FLASH_ATTN_IDS, KV_TYPE_IDS, LlmSettings, Sampling, kv_type_problem
 from owl_desktop.errors import Cancelled, EngineError, PromptError
 from owl_desktop.logs import see_the_log
@@ -108,17 +110,25 @@ def _on_log(level: int, text: bytes, _user: Any) -> None:
 _NO_ABORT = L.ggml_abort_callback()  # a NULL callback: no per-node Python call while tokens are generated
 _LOG_CALLBACK = L.llama_log_callback(_on_log)  # module-level: a collected ctypes callback would dangle
 _backend_lock = threading.Lock()
-_backend_ready = False
+_backends: LlamaBackends | None = None
 
 
-def _init_backend() -> None:
-    global _backend_ready
+def backends() -> LlamaBackends:
+    """The CPU variant and GPU backend llama.cpp runs on in this process; loads them on the first call.
+
+    Our build loads each backend as a module, and llama-cpp-python loads none: they must be in place before
+    llama_backend_init, whose own fallback would search only the current directory and the executable's folder.
+    """
+    global _backends
     with _backend_lock:
         # every time: llama-cpp-python's own Llama class (the bench baseline) installs its logger process-wide
         L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-        if not _backend_ready:
+        if _backends is None:
+            loaded = load_backends()  # after the logger: backend loading logs through it too
+            _log_lines.clear()  # a GPU module without its driver is no error of the model loaded later
             L.llama_backend_init()
-            _backend_ready = True
+            _backends = loaded
+        return _backends
 
 
 def _last_error() -> str:
@@ -133,15 +143,6 @@ def physical_cores() -> int:
     except Exception:  # noqa: BLE001 - psutil is optional here; fall back to the logical count
         n = None
     return max(1, n or os.cpu_count() or 1)
-
-
-def gpu_offload_supported() -> bool:
-    return bool(L.llama_supports_gpu_offload())
-
-
-def build_has_amx() -> bool:
-    """Whether this llama.cpp build carries AMX kernels (a -march=native build on a CPU that reports AMX)."""
-    return b"AMX_INT8 = 1" in L.llama_print_system_info()
 
 
 def read_gguf_architecture(path: Path) -> str:
@@ -192,14 +193,14 @@ class LlamaEngine:
         arch = read_gguf_architecture(path)
         if arch != "llama":
             raise EngineError(f"{path.name} holds a '{arch}' model; mPLUG-Owl needs a LLaMA GGUF")
-        _init_backend()
-        mp = L.llama_model_default_params()
-        mp.n_gpu_layers = s.n_gpu_layers if gpu_offload_supported() else 0
-        # AMX weight buffers die with SIGILL where the CPU reports AMX but the kernel or hypervisor does not enable
-        # it (seen on our virtual machines). Keep quantized weights in plain buffers when the build has AMX.
-        mp.use_extra_bufts = s.repack and not build_has_amx()
-        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if s.use_mmap else L.LLAMA_LOAD_MODE_NONE  # (no use_mmap field)
-        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        self.backends = backends()
+        self.gpu: GpuDevice | None = self.backends.gpu if s.n_gpu_layers != 0 else None
+        self.gpu_error = ""  # why the model runs on the CPU although a GPU was there
+        self.model = self._load_model(path)
+        if not self.model and self.gpu is not None:  # e.g. too little GPU memory: the CPU still answers
+            self.gpu_error = _last_error()
+            self.gpu = None
+            self.model = self._load_model(path)
         if not self.model:
             raise EngineError(f"llama.cpp could not load {path.name}: {_last_error()}")
         self.vocab = L.llama_model_get_vocab(self.model)
@@ -210,7 +211,6 @@ class LlamaEngine:
 
         threads = s.n_threads or physical_cores()
         self.threads = threads
-        self.gpu_offload = gpu_offload_supported() and s.n_gpu_layers != 0
         cp = L.llama_context_default_params()
         cp.n_ctx = s.n_ctx
         cp.n_batch = s.n_batch
@@ -249,6 +249,31 @@ class LlamaEngine:
         self._piece_buf = ctypes.create_string_buffer(256)
         self._wordlike_mask: np.ndarray | None = None
         self._closed = False
+
+    def _load_model(self, path: Path) -> Any:
+        mp = L.llama_model_default_params()
+        # AMX weight buffers die with SIGILL where the CPU code has AMX kernels that the kernel does not enable
+        # (a -march=native build on our virtual machines). Our dispatching build never loads such a variant.
+        mp.use_extra_bufts = self.settings.repack and not self.backends.amx_trap
+        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.settings.use_mmap else L.LLAMA_LOAD_MODE_NONE  # (no use_mmap)
+        no_devices = (ctypes.c_void_p * 1)()  # an empty NULL-terminated device list; outlives the load call
+        if self.gpu is None:
+            mp.n_gpu_layers = 0
+            mp.devices = ctypes.cast(no_devices, ctypes.c_void_p)  # no GPU at all, not even for large batches
+        else:
+            mp.n_gpu_layers = self.settings.n_gpu_layers
+        return L.llama_model_load_from_file(str(path).encode(), mp)
+
+    @property
+    def gpu_offload(self) -> bool:
+        return self.gpu is not None
+
+    @property
+    def device(self) -> str:
+        """Where the model runs, e.g. "CPU zen4" or "Vulkan: NVIDIA GeForce RTX 4070"."""
+        if self.gpu is not None:
+            return f"{self.gpu.backend}: {self.gpu.description}"
+        return f"CPU {self.backends.cpu_variant}"
 
     # ---------------------------------------------------------------- vocabulary
 
@@ -647,3 +672,8 @@ def reference_decode_rate(
         return (count - 1) / (time.perf_counter() - t0)
     finally:
         llm.close()
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this build has a GPU backend with a device to offload layers to."""
+    return backends().gpu is not None

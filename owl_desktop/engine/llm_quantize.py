@@ -1,7 +1,7 @@
 """Quantize a GGUF with llama.cpp's `llama_model_quantize`.
 
-llama.cpp's bindings live in two modules only: engine/llm.py (inference) and this sibling (quantization, used by
-the converter). Nothing else imports llama_cpp.
+llama.cpp's bindings live in three modules only: engine/llm.py (inference), engine/llm_backends.py (which backend
+modules load) and this sibling (quantization, used by the converter). Nothing else imports llama_cpp.
 
 It runs in a child process (multiprocessing, spawn): the C call cannot be interrupted, and a failed GGML_ASSERT
 inside it would abort the whole app. The child forwards llama.cpp's per-tensor log lines as progress and its
@@ -90,6 +90,8 @@ def _run_quantize(src: str, dst: str, ftype: int, threads: int, conn: Connection
     """Child process body: call llama_model_quantize, forwarding progress and errors through `conn`."""
     import llama_cpp
 
+    from owl_desktop.engine.llm_backends import load_backends
+
     def on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         line = text.decode("utf-8", "replace")
         m = _PROGRESS.search(line)
@@ -100,6 +102,8 @@ def _run_quantize(src: str, dst: str, ftype: int, threads: int, conn: Connection
 
     callback = llama_cpp.llama_log_callback(on_log)  # kept alive for the whole call
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    # before llama_backend_init, whose own backend search would look in the current directory
+    load_backends(gpu=False)
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

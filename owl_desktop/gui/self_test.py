@@ -69,6 +69,7 @@ def _drive(app: object, window: object, screenshot: Path | None, t0: float) -> i
     from PySide6.QtCore import QMimeData, QUrl
 
     from owl_desktop.devtools.demo import DEMO_BUNDLE_ID, demo_image
+    from owl_desktop.engine.llm import backends
     from owl_desktop.gui.dnd import simulate_drop
     from owl_desktop.gui.main_window import State
 
@@ -81,6 +82,8 @@ def _drive(app: object, window: object, screenshot: Path | None, t0: float) -> i
     if window.services.chat.loaded_model_id != DEMO_BUNDLE_ID:
         _say("FAILED: a different model was loaded")
         return 1
+    _say(f"llama.cpp: {backends().summary()}")
+    _say(f"running on {window.services.chat.device_description}")
     _say("dropping an image")
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(demo_image()))])

@@ -1,0 +1,184 @@
+"""llama.cpp's backends: the CPU variant picked for this machine, forced lower variants, and Vulkan via lavapipe.
+
+Each forced variant and the Vulkan run happen in a child process (`owl-desktop ask --json`): a process loads its
+backends once. The answers are compared with this process's own, token for token (greedy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from owl_desktop.cli import main as cli_main
+from owl_desktop.convert.converter import convert_checkpoint
+from owl_desktop.devtools.tiny_checkpoint import make_checkpoint
+from owl_desktop.engine.llm import backends
+from owl_desktop.engine.llm_backends import CPU_VARIANT_ENV, lib_dir
+
+# ggml's x86 CPU variants (ggml/src/CMakeLists.txt) and the /proc/cpuinfo flags each one's code needs.
+_HASWELL = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}
+_AVX512 = _HASWELL | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
+X86_VARIANTS = {
+    "x64": set(),
+    "sse42": {"sse4_2"},
+    "sandybridge": {"sse4_2", "avx"},
+    "ivybridge": {"sse4_2", "avx", "f16c"},
+    "piledriver": {"sse4_2", "avx", "f16c", "fma"},
+    "haswell": _HASWELL,
+    "skylakex": _AVX512,
+    "cannonlake": _AVX512 | {"avx512vbmi"},
+    "cascadelake": _AVX512 | {"avx512_vnni"},
+    "icelake": _AVX512 | {"avx512vbmi", "avx512_vnni"},
+    "cooperlake": _AVX512 | {"avx512_vnni", "avx512_bf16"},
+    "zen4": _AVX512 | {"avx512vbmi", "avx512_vnni", "avx512_bf16"},
+    "alderlake": _HASWELL | {"avx_vnni"},
+    "sapphirerapids": _AVX512 | {"avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"},
+}
+LAVAPIPE_ICDS = list(Path("/usr/share/vulkan/icd.d").glob("lvp_icd*.json"))
+dispatching = pytest.mark.skipif(
+    backends().cpu_variant == "built-in", reason="llama.cpp was built without run-time CPU dispatch"
+)
+EXACT_FLAGS = ["--greedy", "--max-new-tokens", "12", "--flash-attn", "off", "--kv-type", "f32", "--threads", "2"]
+
+
+def kernel_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    raise AssertionError("no flags line in /proc/cpuinfo")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("backends")
+    ckpt = make_checkpoint(root / "ckpt", "bin", preset="tiny", seed=0)
+    image = root / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 320, 3), dtype=np.uint8)).save(image)
+    return {
+        "f32": convert_checkpoint(ckpt, root / "bundle-f32", quant="F32"),
+        "f16": convert_checkpoint(ckpt, root / "bundle-f16", quant="F16"),
+        "image": image,
+    }
+
+
+def ask_args(bundle: Path, image: Path, *extra: str) -> list[str]:
+    return ["ask", "--model", str(bundle), "--image", str(image), *EXACT_FLAGS, *extra, "--json", "What is this?"]
+
+
+def ask_here(capsys: pytest.CaptureFixture[str], args: list[str]) -> dict[str, object]:
+    assert cli_main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def ask_in_child(args: list[str], **env: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "owl_desktop", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@dispatching
+def test_the_build_carries_every_cpu_variant_and_vulkan() -> None:
+    names = {p.name for p in lib_dir().iterdir()}
+    if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
+        assert {f"libggml-cpu-{v}.so" for v in X86_VARIANTS} <= names
+        assert "libggml-vulkan.so" in names
+        assert set(backends().cpu_variants) == set(X86_VARIANTS)
+        assert "Vulkan" in backends().gpu_backends  # loaded, with or without a device
+
+
+@dispatching
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the kernel's CPU flags")
+def test_the_best_variant_this_kernel_runs_is_chosen() -> None:
+    info = backends()
+    flags = kernel_flags()
+    runnable = {v for v, needs in X86_VARIANTS.items() if needs <= flags}
+    print(f"\nCPU variant: {info.cpu_variant}; runnable here: {', '.join(info.runnable_variants)}")
+    print(f"llama.cpp: {info.summary()}")
+    assert set(info.runnable_variants) == runnable
+    assert info.cpu_variant == info.runnable_variants[0]
+    # nothing runnable does strictly more than the chosen one
+    chosen = X86_VARIANTS[info.cpu_variant]
+    assert not [v for v in runnable if X86_VARIANTS[v] > chosen]
+    # the AMX variant only where the kernel enables AMX (a CPU may report AMX that the hypervisor keeps off)
+    if not {"amx_tile", "amx_int8"} <= flags:
+        assert "sapphirerapids" not in info.runnable_variants
+    if {"avx512_bf16", "avx512vbmi", "avx512_vnni"} <= flags and "amx_int8" not in flags:
+        assert info.cpu_variant == "zen4"  # this project's machines (AMD EPYC, Zen 4)
+
+
+@dispatching
+@pytest.mark.parametrize("variant", ["haswell", "x64"])
+def test_a_forced_lower_variant_answers_identically(
+    variant: str, tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = backends()
+    if variant not in info.runnable_variants or variant == info.cpu_variant:
+        pytest.skip(f"{variant} is not a lower variant this machine runs (best: {info.cpu_variant})")
+    args = ask_args(tiny["f32"], tiny["image"])
+    here = ask_here(capsys, args)
+    there = ask_in_child(args, **{CPU_VARIANT_ENV: variant})
+    assert here["llm_device"] == f"CPU {info.cpu_variant}"
+    assert there["llm_device"] == f"CPU {variant}"
+    assert len(here["token_ids"]) == 12
+    assert there["token_ids"] == here["token_ids"]
+
+
+@dispatching
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [("no-such-cpu", "this llama.cpp build has"), ("sapphirerapids", "cannot run on this computer; it can run")],
+)
+def test_a_variant_this_computer_cannot_use_is_a_clear_error(variant: str, message: str) -> None:
+    if variant in backends().runnable_variants:
+        pytest.skip(f"this computer runs {variant}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "owl_desktop", "--version"],
+        env={**os.environ, CPU_VARIANT_ENV: variant},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("owl-desktop ")
+    assert lines[1].startswith(f"llama.cpp: unavailable ({CPU_VARIANT_ENV}={variant}")
+    assert message in lines[1]
+
+
+def test_version_names_the_cpu_variant_and_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("owl-desktop ")
+    assert out[1] == f"llama.cpp: {backends().summary()}"
+    assert out[1].startswith(f"llama.cpp: CPU {backends().cpu_variant}") and "GPU" in out[1]
+
+
+@dispatching
+@pytest.mark.skipif(not LAVAPIPE_ICDS, reason="Mesa's software Vulkan driver (mesa-vulkan-drivers) is not installed")
+def test_vulkan_through_lavapipe_gives_the_cpu_greedy_tokens(
+    tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ggml's Vulkan backend skips CPU-type devices unless GGML_VK_VISIBLE_DEVICES names them: in this process
+    (no variable) the model runs on the CPU; in the child, on lavapipe."""
+    args = ask_args(tiny["f16"], tiny["image"])
+    here = ask_here(capsys, args)
+    there = ask_in_child(args, GGML_VK_VISIBLE_DEVICES="0", VK_ICD_FILENAMES=str(LAVAPIPE_ICDS[0]))
+    assert here["llm_device"].startswith("CPU ")
+    assert str(there["llm_device"]).startswith("Vulkan: llvmpipe")
+    assert len(here["token_ids"]) == 12
+    assert there["token_ids"] == here["token_ids"]
