@@ -26,6 +26,7 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 from owl_desktop import paths  # noqa: E402
 from owl_desktop.devtools.demo import DEMO_BUNDLE_ID, ensure_demo_bundle  # noqa: E402
 from owl_desktop.devtools.tiny_checkpoint import make_checkpoint  # noqa: E402
+from owl_desktop.gui import attachments  # noqa: E402
 from owl_desktop.gui.app import show_main_window  # noqa: E402
 from owl_desktop.gui.chat_view import Thumbnail  # noqa: E402
 from owl_desktop.gui.dnd import simulate_drop  # noqa: E402
@@ -497,14 +498,30 @@ def test_a_full_context_leaves_out_old_turns_and_refuses_what_cannot_fit(qtbot, 
     assert not window.banner.isVisible()
     assert [b.role for b in window.chat.bubbles()] == ["user", "assistant"] * 2
     [notice] = window.chat.notices()
-    assert "oldest turn was left out" in notice
+    assert notice.startswith("The model no longer sees your first question, its 1 image and its answer"), notice
+    first_question, first_answer = window.chat.bubbles()[:2]
+    assert window.chat.unseen_bubbles() == [first_question, first_answer]
+    assert first_question.meta.text() == "no longer seen by the model"
     stored = window.services.store.messages(window.current_id)
     assert stored[-1].meta["dropped_turns"] == 1 and stored[-1].meta["context_size"] == 256
     before = [(m.id, m.role, m.text) for m in stored]
     shown = [(b.role, b.text) for b in window.chat.bubbles()]
 
     window.composer.add_files(shots)  # 4 × 65 positions: more than the whole context
-    ask(qtbot, window, "Compare all four")
+    qtbot.keyClicks(window.composer.edit, "Compare all four")
+    # refused in the composer, before anything is sent or encoded, with what to do
+    assert window.composer.budget_kind() == "error" and window.composer.budget_line.isVisible()
+    line = window.composer.budget_line.text()
+    assert "4 images need 260 positions" in line and "Remove 1 image" in line, line
+    assert not window.composer.send_button.isEnabled()
+    qtbot.keyClick(window.composer.edit, Qt.Key.Key_Return)
+    assert window.state is State.READY and window.banner.isVisible()
+    assert window.banner.text.text() == line and len(window.composer.images()) == 4
+    window.composer.strip.clear()
+    window.composer.edit.clear()
+    # the engine's own refusal stays for what reaches it: the message sent without the composer's check
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        window.send("Compare all four", [attachments.from_file(s) for s in shots])
     assert window.banner.isVisible()
     message = window.banner.text.text()
     assert "too many images for one question" in message and "at most" in message, message
@@ -516,7 +533,14 @@ def test_a_full_context_leaves_out_old_turns_and_refuses_what_cannot_fit(qtbot, 
     assert not any(b.role == "error" for b in window.chat.bubbles())
     assert window.chat.notices() == [notice]
 
-    window.composer.add_files([shots[3]])  # the conversation goes on
+    window.composer.strip.clear()
+    window.composer.edit.clear()
+    window.composer.add_files([shots[2], shots[3]])  # fits alone, but only by leaving old turns out: said so
+    assert window.composer.budget_kind() == "warn", window.composer.budget_line.text()
+    assert "oldest questions will leave the model's view" in window.composer.budget_line.text()
+    window.composer.strip.remove(0)
+    assert window.composer.budget_kind() == "ok", window.composer.budget_line.text()
+    assert "positions (1 image)" in window.composer.budget_line.text()
     ask(qtbot, window, "Then just this one?")
     assert not window.banner.isVisible()
     assert window.chat.bubbles()[-1].role == "assistant" and window.chat.bubbles()[-1].text

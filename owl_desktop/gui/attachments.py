@@ -17,6 +17,7 @@ class PendingImage:
     source: Path | bytes  # what the chat service receives
     name: str
     preview: QImage
+    size: tuple[int, int] | None = None  # width, height of the full image (its cost in the context depends on it)
 
 
 class AttachmentError(Exception):
@@ -42,7 +43,9 @@ def from_file(path: Path) -> PendingImage:
         raise AttachmentError(f"“{path.name}” cannot be found.")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise AttachmentError(f"“{path.name}” is not an image. Attach PNG, JPEG, WebP, GIF, BMP or TIFF files.")
-    return PendingImage(path, path.name, _read_preview(QImageReader(str(path)), path.name))
+    reader = QImageReader(str(path))
+    preview = _read_preview(reader, path.name)
+    return PendingImage(path, path.name, preview, (reader.size().width(), reader.size().height()))
 
 
 def from_qimage(image: QImage, name: str) -> PendingImage:
@@ -55,7 +58,7 @@ def from_qimage(image: QImage, name: str) -> PendingImage:
     image.save(buffer, "PNG")
     buffer.close()
     preview = image.scaled(PREVIEW * 2, PREVIEW * 2, Qt.AspectRatioMode.KeepAspectRatio)
-    return PendingImage(bytes(data.data()), name, preview)
+    return PendingImage(bytes(data.data()), name, preview, (image.width(), image.height()))
 
 
 def from_mime(mime: QMimeData, paste_index: int = 1) -> tuple[list[PendingImage], list[str]]:

@@ -131,6 +131,7 @@ class MessageBubble(QFrame):
         footer.setSpacing(2)
         self.meta = QLabel()
         self.meta.setObjectName("BubbleMeta")
+        self.meta.setTextFormat(Qt.TextFormat.PlainText)
         footer.addWidget(self.meta, 1)
         self.copy_button = _flat_button("copy", "Copy message", self.copy_clicked.emit)
         self.edit_button = _flat_button("edit", "Edit and ask again", self.edit_clicked.emit)
@@ -150,7 +151,7 @@ class MessageBubble(QFrame):
         elif self.role == "assistant":
             self._drop_settled()
             self.label.setTextFormat(Qt.TextFormat.RichText)
-            self.label.setText(markdown.render(text if text else "…", colors()))
+            self.label.setText(markdown.render(text if text else "*Stopped before the first word.*", colors()))
         else:
             self.label.setTextFormat(Qt.TextFormat.PlainText)
             self.label.setText(text)
@@ -317,6 +318,7 @@ class ChatView(QScrollArea):
         """A quiet line in the conversation, e.g. that old turns were left out."""
         row = QLabel(text, alignment=Qt.AlignmentFlag.AlignCenter)
         row.setObjectName("Notice")
+        row.setTextFormat(Qt.TextFormat.PlainText)
         row.setWordWrap(True)
         row.setAccessibleName(text)
         self._insert_row(row, None)
@@ -364,7 +366,7 @@ class ChatView(QScrollArea):
             if m.role == "assistant":
                 self.bubbles()[-1].set_meta(record_summary(m.meta))
                 if dropped := m.meta.get("dropped_turns"):
-                    self.add_notice(_dropped_notice(int(dropped)))
+                    self.add_notice(_dropped_notice(int(dropped), self._mark_unseen(int(dropped))))
         self._empty.setVisible(not self._rows)
         self._update_actions()
         self._stick_to_bottom = True
@@ -428,8 +430,31 @@ class ChatView(QScrollArea):
         self._apply_width(bubble)
         dropped = record.dropped_turns if record is not None else 0
         if dropped:
-            self.add_notice(_dropped_notice(int(dropped)))
+            self.add_notice(_dropped_notice(int(dropped), self._mark_unseen(int(dropped))))
         self._update_actions()
+
+    def _mark_unseen(self, dropped: int) -> int:
+        """Mark the first `dropped` turns (a question and its answer) as out of the model's view; their image count."""
+        images = 0
+        turn = 0
+        for b in self.bubbles():
+            if b.role == "user":
+                turn += 1
+                if turn > dropped:
+                    break
+                images += len(b.findChildren(Thumbnail))
+            if b.property("unseen"):
+                continue
+            b.setProperty("unseen", True)
+            b.setToolTip("The model no longer sees this message: it was left out to make room in its context.")
+            if b.role == "user":
+                b.set_meta("no longer seen by the model")
+            b.style().unpolish(b)
+            b.style().polish(b)
+        return images
+
+    def unseen_bubbles(self) -> list[MessageBubble]:
+        return [b for b in self.bubbles() if b.property("unseen")]
 
     def fail_answer(self, message: str) -> None:
         """End a stream that failed: keep what was written, if anything, and say what happened."""
@@ -475,6 +500,17 @@ class ChatView(QScrollArea):
             b.retint()
 
 
-def _dropped_notice(n: int) -> str:
-    turns = "turn was" if n == 1 else "turns were"
-    return f"The {n} oldest {turns} left out of the model's view to make room in its context."
+def _dropped_notice(n: int, images: int = 0) -> str:
+    """e.g. "The model no longer sees your first 2 questions, their 5 images and their answers: …"."""
+    pics = f"{images} image" + ("s" if images != 1 else "")
+    if n == 1:
+        what = f"your first question, its {pics} and its answer" if images else "your first question and its answer"
+        they = "they were" if images else "both were"
+    else:
+        what = f"your first {n} questions, their {pics} and their answers" if images else f"your first {n} questions"
+        what += "" if images else " and their answers"
+        they = "they were"
+    return (
+        f"The model no longer sees {what}: {they} left out to make room in its context. "
+        "Start a new chat to ask about them again."
+    )

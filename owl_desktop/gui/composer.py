@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QMimeData, QPoint, QSize, Qt, Signal
@@ -237,6 +238,14 @@ class Composer(QFrame):
         self.edit_hint.setObjectName("Muted")
         self.edit_hint.setVisible(False)
         outer.addWidget(self.edit_hint)
+        self.budget_line = QLabel()
+        self.budget_line.setObjectName("Muted")
+        self.budget_line.setWordWrap(True)
+        self.budget_line.setTextFormat(Qt.TextFormat.PlainText)
+        self.budget_line.setAccessibleName("What this message costs in the model's context")
+        self.budget_line.setVisible(False)
+        self._budget_kind = "ok"
+        self.budget_source: Callable[[str, list[tuple[int, int] | None]], tuple[str, str] | None] | None = None
         self.strip = AttachmentStrip()
         self.strip.changed.connect(self._update_buttons)
         self.strip.open_requested.connect(self.open_requested)
@@ -263,6 +272,7 @@ class Composer(QFrame):
         row.addWidget(self.edit, 1)
         row.addWidget(self.send_button, 0, Qt.AlignmentFlag.AlignBottom)
         outer.addLayout(row)
+        outer.addWidget(self.budget_line)
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
         self.pdfs = PdfAttacher(self)  # PDF pages are rendered off the GUI thread, then attached like images
         self.pdfs.pages_ready.connect(lambda pages: [self.strip.add(p) for p in pages])
@@ -289,8 +299,27 @@ class Composer(QFrame):
         self.edit.setPlaceholderText(f"Ask about your images…  ({keys})")
 
     def _update_buttons(self) -> None:
-        can_send = bool(self.text().strip()) and not self._busy
+        self.update_budget()
+        can_send = bool(self.text().strip()) and not self._busy and self._budget_kind != "error"
         self.send_button.setEnabled(self._busy or can_send)
+
+    def update_budget(self) -> None:
+        """Say what the message costs in the model's context, and refuse one that cannot fit (see budget_source)."""
+        images = self.images()
+        verdict = None
+        if self.budget_source is not None and (images or self.text().strip()) and self._editing is None:
+            verdict = self.budget_source(self.text(), [i.size for i in images])
+        kind, line = verdict or ("ok", "")
+        self._budget_kind = kind
+        self.budget_line.setText(line)
+        self.budget_line.setProperty("kind", kind)
+        self.budget_line.style().unpolish(self.budget_line)
+        self.budget_line.style().polish(self.budget_line)
+        self.budget_line.setVisible(bool(line) and (bool(images) or kind != "ok"))
+
+    def budget_kind(self) -> str:
+        """ "ok", "warn" (old turns will leave the model's view) or "error" (cannot be sent)."""
+        return self._budget_kind
 
     def _retint(self, _colors: object = None) -> None:
         c = colors()
@@ -321,6 +350,11 @@ class Composer(QFrame):
         text = self.text().strip()
         if self._busy or not text:
             return
+        if self._editing is None:
+            self.update_budget()
+            if self._budget_kind == "error":
+                self.refused.emit(self.budget_line.text())
+                return
         if self._editing is not None:
             msg_id, self._editing = self._editing, None
             self.edit_hint.setVisible(False)

@@ -97,7 +97,7 @@ def paused_line(done: float, total: float | None) -> str:
     return f"Paused · {got} downloaded · Resume continues from there, also after a restart"
 
 
-def _figure(record: AnswerRecord | Mapping[str, Any], name: str) -> Any:
+def figure(record: AnswerRecord | Mapping[str, Any], name: str) -> Any:
     """A field of an AnswerRecord, or a key of the meta a stored answer keeps of it (other names there)."""
     return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
 
@@ -107,10 +107,10 @@ def answer_speed(record: AnswerRecord | Mapping[str, Any] | None) -> str:
     if record is None:
         return ""
     parts = []
-    if tps := _figure(record, "decode_tokens_per_s") or _figure(record, "tokens_per_s"):
-        parts.append(f"{tps:.1f} tok/s")
-    if ttft := _figure(record, "time_to_first_token_ms") or _figure(record, "ttft_ms"):
-        parts.append(f"first token {ttft / 1000:.2f} s")
+    if tps := figure(record, "decode_tokens_per_s") or figure(record, "tokens_per_s"):
+        parts.append(f"{round(tps, 2):.1f} tok/s")  # as the saved meta keeps it: the same figure after a restart
+    if ttft := figure(record, "time_to_first_token_ms") or figure(record, "ttft_ms"):
+        parts.append(f"first token {round(ttft, 1) / 1000:.2f} s")
     return " · ".join(parts)
 
 
@@ -120,12 +120,12 @@ def record_summary(record: AnswerRecord | Mapping[str, Any] | None) -> str:
         return ""
     speed = answer_speed(record)
     parts = [speed] if speed else []
-    if (used := _figure(record, "context_used")) and (context := _figure(record, "context_size")):
+    if (used := figure(record, "context_used")) and (context := figure(record, "context_size")):
         parts.append(f"{used} / {context} context")
-    if _figure(record, "state") == "failed":
+    if figure(record, "state") == "failed":
         parts.append("interrupted by an error")
-    elif _figure(record, "stop_reason") in ("cancelled", "abandoned") or _figure(record, "state") == "stopped":
+    elif figure(record, "stop_reason") in ("cancelled", "abandoned") or figure(record, "state") == "stopped":
         parts.append("stopped")
-    elif _figure(record, "stop_reason") == "length":
+    elif figure(record, "stop_reason") == "length":
         parts.append("cut at the length limit")
     return " · ".join(parts)

@@ -46,6 +46,7 @@ class ImageViewer(QDialog):
         self._label.region_selected.connect(self.attach_region)
         self._caption = QLabel(alignment=Qt.AlignmentFlag.AlignCenter)
         self._caption.setObjectName("Muted")
+        self._caption.setTextFormat(Qt.TextFormat.PlainText)
         self.hint = QLabel(ZOOM_HINT)
         self.hint.setObjectName("Muted")
         self.hint.setWordWrap(True)

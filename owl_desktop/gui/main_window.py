@@ -72,6 +72,7 @@ class Banner(QFrame):
         self.icon = QLabel()
         self.text = QLabel()
         self.text.setObjectName("BannerText")
+        self.text.setTextFormat(Qt.TextFormat.PlainText)  # messages quote file names and model text
         self.text.setWordWrap(True)
         self.text.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.close_button = QToolButton()
@@ -108,6 +109,7 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
         self.state = State.NO_MODEL
         self.current_id: str | None = None
+        self._chat_used = 0  # context positions the open chat took at its last answer
         self._pending_submission: tuple[str, list[ImageSource]] | None = None  # asked while the model loads
         self._pending_images: list[PendingImage] = []
         self._last_submission: tuple[str, list[PendingImage]] | None = None
@@ -135,10 +137,12 @@ class MainWindow(QMainWindow):
         self.api_server.status_changed.connect(self.status.set_api)
         self.title = QLabel("New conversation")
         self.title.setObjectName("ChatTitle")
+        self.title.setTextFormat(Qt.TextFormat.PlainText)  # the model writes titles: never rich text
         self._build_layout()
         self._connect()
         self._shortcuts()
         self.composer.set_send_on_enter(services.settings.send_on_enter)
+        self.composer.budget_source = self._message_budget
         theme_bus().changed.connect(self._retint)
         self._retint()
 
@@ -323,6 +327,7 @@ class MainWindow(QMainWindow):
         self.status.set_model(model_id, device)
         self.status.set_activity("")
         self.set_state(State.READY)
+        self.composer.update_budget()
         self.services.settings.last_model_id = model_id
         self._save_settings()
         if self._models_window is not None:
@@ -371,6 +376,7 @@ class MainWindow(QMainWindow):
         self.current_id = None
         self.title.setText("New conversation")
         self.chat.clear()
+        self._show_chat_figures([])
         self.sidebar.list.clearSelection()
         self.sidebar.list.setCurrentItem(None)
         self.composer.edit.setFocus()
@@ -407,10 +413,34 @@ class MainWindow(QMainWindow):
         self.current_id = conv_id
         self.title.setText(conv.title)
         self.chat.show_messages(messages)
+        self._show_chat_figures(messages)
         self.sidebar.select(conv_id)
         self.schedule_prepare()
         if self.pages.currentWidget() is not self.welcome:
             self.pages.setCurrentWidget(self.chat_page)
+
+    def _show_chat_figures(self, messages: list[Message]) -> None:
+        """The status line and the composer's budget follow the chat shown: its last answer's figures, or none."""
+        last = next((m for m in reversed(messages) if m.role == "assistant" and m.meta.get("context_size")), None)
+        self.status.set_record(last.meta if last is not None else None)
+        self._chat_used = int(last.meta.get("context_used") or 0) if last is not None else 0
+        self.composer.update_budget()
+
+    def _message_budget(self, text: str, sizes: list[tuple[int, int] | None]) -> tuple[str, str] | None:
+        """What the composer's message costs with the loaded model (None when no model is loaded)."""
+        from owl_desktop.app import context_budget
+
+        pipe = self.services.chat.pipeline
+        if pipe is None or self.state is State.LOADING:
+            return None
+        try:
+            n_ctx = pipe.llm.n_ctx
+            b, least = context_budget.budget(
+                text, sizes, pipe.bundle.image_plan, pipe.bundle.config.image_rows, n_ctx, self._chat_used
+            )
+        except Exception:  # noqa: BLE001 - a model being swapped on the engine thread: no estimate this time
+            return None
+        return context_budget.describe(b, least)
 
     def rename_conversation(self, conv_id: str, title: str) -> None:
         try:
@@ -520,6 +550,7 @@ class MainWindow(QMainWindow):
             self.refresh_conversations()
         self._last_submission = (text, list(self._pending_images))
         self.set_state(State.ANSWERING)
+        self.status.clear_speed()
         self.status.set_activity("reading the images…" if sources else "thinking…", None, True)
         self.engine.ask(self.current_id, text, sources)
 
@@ -529,6 +560,7 @@ class MainWindow(QMainWindow):
         self.banner.hide()
         self._last_submission = None
         self.set_state(State.ANSWERING)
+        self.status.clear_speed()
         self.status.set_activity("thinking…", None, True)
         self.engine.regenerate(self.current_id)
 
@@ -538,6 +570,7 @@ class MainWindow(QMainWindow):
         self.banner.hide()
         self._last_submission = None
         self.set_state(State.ANSWERING)
+        self.status.clear_speed()
         self.engine.edit_and_resend(self.current_id, msg_id, text)
 
     def stop(self) -> None:
@@ -574,7 +607,9 @@ class MainWindow(QMainWindow):
     def _on_finished(self, conv_id: str, message: Message, record: AnswerRecord) -> None:
         if conv_id == self.current_id:
             self.chat.finish_answer(message, record)
-        self.status.set_record(record)
+            if record.context_size:
+                self.status.set_record(record)
+                self._chat_used = record.context_used
         self.status.set_activity("")
         self.set_state(State.READY)
         self.refresh_conversations()

@@ -1,4 +1,8 @@
-"""Markdown to the rich text a QLabel shows: code blocks on a tinted background, tables with borders."""
+"""Markdown to the rich text a QLabel shows: code blocks on a tinted background, tables with borders.
+
+The text comes from a model (or a title it wrote), so it is untrusted: raw HTML is shown as text, images become
+their alt text (a QLabel would read an <img> source from disk, e.g. /dev/zero, and hang), and headings are capped so
+an answer cannot fill a bubble with giant type."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from PySide6.QtGui import (
     QColor,
     QFont,
     QFontDatabase,
+    QTextCharFormat,
     QTextCursor,
     QTextDocument,
     QTextFormat,
@@ -19,11 +24,55 @@ from PySide6.QtGui import (
 from owl_desktop.gui.theme import Colors
 
 _BODY_STYLE = re.compile(r"<body[^>]*>")
+_FEATURES = QTextDocument.MarkdownFeature(
+    QTextDocument.MarkdownFeature.MarkdownDialectGitHub.value | QTextDocument.MarkdownFeature.MarkdownNoHTML.value
+)
+HEADING_SIZE = {1: 1, 2: 1}  # heading level → QTextCharFormat font size adjustment (0 = body size); others 0
+
+
+def _drop_images(doc: QTextDocument) -> None:
+    """Every image (Markdown ![alt](src)) becomes the text "[image: alt]"; nothing is ever loaded."""
+    found: list[tuple[int, int, str]] = []
+    block = doc.begin()
+    while block.isValid():
+        it = block.begin()
+        while not it.atEnd():
+            frag = it.fragment()
+            if frag.isValid() and frag.charFormat().isImageFormat():
+                alt = frag.charFormat().property(QTextFormat.Property.ImageAltText) or ""
+                found.append((frag.position(), frag.length(), str(alt)))
+            it += 1
+        block = block.next()
+    for pos, length, alt in reversed(found):
+        cursor = QTextCursor(doc)
+        cursor.setPosition(pos)
+        cursor.setPosition(pos + length, QTextCursor.MoveMode.KeepAnchor)
+        cursor.insertText(f"[image: {alt}]" if alt else "[image]", QTextCharFormat())
+
+
+def _cap_headings(doc: QTextDocument) -> None:
+    """Headings become bold paragraphs at most a step larger than the text."""
+    block = doc.begin()
+    while block.isValid():
+        level = block.blockFormat().headingLevel()
+        if level:
+            cursor = QTextCursor(block)
+            fmt = block.blockFormat()
+            fmt.setHeadingLevel(0)
+            cursor.setBlockFormat(fmt)
+            cursor.select(QTextCursor.SelectionType.BlockUnderCursor)
+            char = QTextCharFormat()
+            char.setProperty(QTextFormat.Property.FontSizeAdjustment, HEADING_SIZE.get(level, 0))
+            char.setFontWeight(QFont.Weight.Bold)
+            cursor.mergeCharFormat(char)
+        block = block.next()
 
 
 def render(text: str, c: Colors) -> str:
     doc = QTextDocument()
-    doc.setMarkdown(text, QTextDocument.MarkdownFeature.MarkdownDialectGitHub)
+    doc.setMarkdown(text, _FEATURES)
+    _drop_images(doc)
+    _cap_headings(doc)
     mono = QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont)
     block = doc.begin()
     while block.isValid():

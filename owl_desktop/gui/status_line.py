@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QProgressBar
 
-from owl_desktop.gui.format import answer_speed
+from owl_desktop.gui.format import answer_speed, figure
 
 if TYPE_CHECKING:
     from owl_desktop.engine.pipeline import AnswerRecord
@@ -25,6 +27,7 @@ class StatusLine(QFrame):
         self.device.setAccessibleName("Device")
         self.activity = QLabel()
         self.activity.setAccessibleName("Activity")
+        self.activity.setTextFormat(Qt.TextFormat.PlainText)
         self.busy = QProgressBar()
         self.busy.setFixedWidth(120)
         self.busy.setFixedHeight(8)
@@ -65,12 +68,25 @@ class StatusLine(QFrame):
         """The local API server: its address and what it is doing ("" when it is off)."""
         self.api.setText(f"· {text}" if text else "")
 
-    def set_record(self, record: AnswerRecord | None) -> None:
+    def clear_record(self) -> None:
+        """No figures: a new chat, or an answer being written (its figures come when it ends)."""
+        self.speed.setText("")
+        self.context.setVisible(False)
+        self.context_label.setText("")
+
+    def clear_speed(self) -> None:
+        self.speed.setText("")
+
+    def set_record(self, record: AnswerRecord | Mapping[str, Any] | None) -> None:
+        """The figures of the chat's last answer: its AnswerRecord, or the meta its stored message keeps."""
         if record is None:
+            self.clear_record()
             return
         self.speed.setText(answer_speed(record))
-        used = record.context_used
-        size = record.context_size
+        used = int(figure(record, "context_used") or 0)
+        size = int(figure(record, "context_size") or 0)
+        self.context.setVisible(bool(size))
+        self.context_label.setText("")
         if size:
             self.context.setVisible(True)
             self.context.setRange(0, size)

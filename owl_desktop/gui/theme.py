@@ -198,9 +198,11 @@ QPushButton[danger="true"] {{ color: {c.danger}; }}
 #Bubble[role="user"] {{ background: {c.user_bubble}; border-radius: 14px; }}
 #Bubble[role="assistant"] {{ background: {c.assistant_bubble}; border: 1px solid {c.border}; border-radius: 14px; }}
 #Bubble[role="error"] {{ background: {c.danger_soft}; border: 1px solid {c.danger}; border-radius: 14px; }}
+#Bubble[unseen="true"] {{ border: 1px dashed {c.muted}; }}
 #BubbleText {{ color: {c.text}; background: transparent; }}
 #BubbleMeta, #Muted {{ color: {c.muted}; font-size: 9pt; }}
 #Muted[kind="error"] {{ color: {c.danger}; }}
+#Muted[kind="warn"] {{ color: {c.notice}; }}
 #Notice {{ color: {c.notice}; font-size: 9pt; font-style: italic; }}
 #Thumb {{ border: 1px solid {c.border}; border-radius: 8px; background: {c.surface}; }}
 
