@@ -35,7 +35,7 @@ from owl_desktop.errors import Cancelled, EngineError, OwlError
 from owl_desktop.logs import see_the_log
 from owl_desktop.store.conversations import ConversationStore, ImageRef, Message, StoreError, qa_pairs
 from owl_desktop.store.images import ImageStore, StoredImage
-from owl_desktop.tasks import CancelToken
+from owl_desktop.tasks import CancelToken, Progress, ProgressCallback
 
 if TYPE_CHECKING:
     from owl_desktop.engine.options import Sampling
@@ -127,6 +127,7 @@ class ChatService:
         self._turn: Turn | None = None  # the window's place in the queue while one of its use cases runs or waits
         self._loading = False
         self._cancel = CancelToken()  # the running use case's; stop() fires it, whatever stage the answer is in
+        self._progress: ProgressCallback | None = None  # the running use case's listener for its stages
         # every use case asked for and not yet over (a Stop must also reach one that has not started running)
         self._live: weakref.WeakSet[CancelToken] = weakref.WeakSet()
         interrupted = store.mark_interrupted()
@@ -281,17 +282,30 @@ class ChatService:
         """One of the window's use cases (or a model load) runs or waits for the engine."""
         return self._turn is not None or self._loading
 
-    def ask(self, conv_id: str, text: str, image_sources: Sequence[ImageInput] = ()) -> Iterator[ChatEvent]:
-        """Store the images and the question, then stream the answer."""
-        return self._exclusive(self._token(), lambda: self._ask(conv_id, text, image_sources))
+    def ask(
+        self,
+        conv_id: str,
+        text: str,
+        image_sources: Sequence[ImageInput] = (),
+        progress: ProgressCallback | None = None,
+    ) -> Iterator[ChatEvent]:
+        """Store the images and the question, then stream the answer. `progress` hears the stages before the first
+        token: "storing images" and "encoding images" (done of total), then "reading the conversation"."""
+        return self._exclusive(self._token(), lambda: self._ask(conv_id, text, image_sources), progress)
 
-    def regenerate(self, conv_id: str) -> Iterator[ChatEvent]:
+    def regenerate(self, conv_id: str, progress: ProgressCallback | None = None) -> Iterator[ChatEvent]:
         """Replace the last answer with a new one (fresh seed); with an unanswered last question, answer it."""
-        return self._exclusive(self._token(), lambda: self._regenerate(conv_id))
+        return self._exclusive(self._token(), lambda: self._regenerate(conv_id), progress)
 
-    def edit_and_resend(self, conv_id: str, user_msg_id: int, new_text: str) -> Iterator[ChatEvent]:
+    def edit_and_resend(
+        self, conv_id: str, user_msg_id: int, new_text: str, progress: ProgressCallback | None = None
+    ) -> Iterator[ChatEvent]:
         """Change a question's text (its images stay), drop everything after it, and answer it again."""
-        return self._exclusive(self._token(), lambda: self._edit_and_resend(conv_id, user_msg_id, new_text))
+        return self._exclusive(self._token(), lambda: self._edit_and_resend(conv_id, user_msg_id, new_text), progress)
+
+    def _report(self, stage: str, done: float, total: float | None = None, unit: str = "") -> None:
+        if self._progress is not None:
+            self._progress(Progress(stage, done, total, unit))
 
     def _token(self) -> CancelToken:
         """A use case's cancel token, made when it is asked for (not when it starts running)."""
@@ -299,7 +313,12 @@ class ChatService:
         self._live.add(token)
         return token
 
-    def _exclusive(self, token: CancelToken, body: Callable[[], Iterator[ChatEvent]]) -> Iterator[ChatEvent]:
+    def _exclusive(
+        self,
+        token: CancelToken,
+        body: Callable[[], Iterator[ChatEvent]],
+        progress: ProgressCallback | None = None,
+    ) -> Iterator[ChatEvent]:
         if self._turn is not None:
             self._live.discard(token)
             yield Failed(BUSY)
@@ -307,6 +326,7 @@ class ChatService:
         turn = self._turn = self.queue.enter(WINDOW, bounded=False)
         try:
             self._cancel = token
+            self._progress = progress
             while not turn.wait(0.05):  # another program's request holds the engine: wait, unless Stop comes first
                 if token.cancelled:
                     yield Failed(STOPPED_WAITING)
@@ -319,6 +339,7 @@ class ChatService:
             yield Failed(f"Something went wrong ({type(exc).__name__}); {see_the_log()}")
         finally:
             self._live.discard(token)
+            self._progress = None
             turn.leave()
             self._turn = None
 
@@ -327,7 +348,11 @@ class ChatService:
             yield Failed("Type a question about the images first.")
             return
         self.store.get(conv_id)  # NotFound before anything is stored
-        stored = [self._store_image(src) for src in image_sources]  # ImageError before anything is stored
+        stored = []
+        for i, src in enumerate(image_sources):  # ImageError before anything is stored
+            if not isinstance(src, (StoredImage, ImageRef)):  # already stored ones take no time
+                self._report("storing images", i, len(image_sources), "images")
+            stored.append(self._store_image(src))
         user_msg = self.store.add_message(conv_id, "user", text, stored)
         yield from self._answer(conv_id, user_msg)
 
@@ -421,8 +446,15 @@ class ChatService:
             if self._cancel.cancelled:
                 raise _StoppedEarly
             stream = pipe.ask(
-                self._sources(question), shown.text, history, sampling=sampling, system=system, cancel=self._cancel
+                self._sources(question),
+                shown.text,
+                history,
+                sampling=sampling,
+                system=system,
+                cancel=self._cancel,
+                progress=self._progress,
             )
+            self._report("reading the conversation", 0, None)
             last_save = self._clock()
             for piece in stream:
                 if self._cancel.cancelled:

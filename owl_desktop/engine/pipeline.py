@@ -44,7 +44,7 @@ from owl_desktop.errors import Cancelled, ImageError, PromptError
 from owl_desktop.hashing import sha256_bytes
 from owl_desktop.image_intake import decode, read_source
 from owl_desktop.model_family import CUT_EMBEDDING_ROWS
-from owl_desktop.tasks import CancelToken, Task
+from owl_desktop.tasks import CancelToken, ProgressCallback, Task
 
 
 @dataclass(frozen=True)
@@ -466,6 +466,7 @@ class ChatPipeline:
         cancel: CancelToken | None = None,
         drop_old_turns: bool = True,
         stop: Sequence[str] = (),
+        progress: ProgressCallback | None = None,
     ) -> AnswerStream:
         """Ask about `images`; iterate the returned stream for text pieces.
 
@@ -473,6 +474,7 @@ class ChatPipeline:
         here), prefilling or generating (the stream ends within a token). The record's time to first token counts
         from this call, image encoding included. The prompt is built and the images encoded before this returns
         (errors are raised here). The answer also ends before any of `stop` (besides the template's next turn).
+        `progress` hears how the image encoding goes ("encoding images", done of total).
         """
         t0 = time.perf_counter()
         token = cancel or CancelToken()
@@ -484,7 +486,7 @@ class ChatPipeline:
             history,
             system=system,
             max_new_tokens=s.max_new_tokens,
-            task=Task(cancel=token),
+            task=Task(progress=progress, cancel=token),
             drop_old_turns=drop_old_turns,
         )
         record = AnswerRecord(images=timings, dropped_turns=prompt.dropped_turns, context_size=self.llm.n_ctx)

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QGuiApplication, QKeyEvent, QMouseEvent, QPixmap, QResizeEvent
+from PySide6.QtGui import QGuiApplication, QImage, QKeyEvent, QMouseEvent, QPixmap, QResizeEvent
 from PySide6.QtWidgets import (
     QFrame,
+    QGridLayout,
     QHBoxLayout,
     QLabel,
     QScrollArea,
@@ -51,7 +52,7 @@ class Thumbnail(QLabel):
 
     clicked = Signal()
 
-    def __init__(self, path: Path | None, name: str, size: int = THUMB) -> None:
+    def __init__(self, path: Path | QImage | None, name: str, size: int = THUMB) -> None:
         super().__init__()
         self.setObjectName("Thumb")
         self.setFixedSize(size, size)
@@ -60,7 +61,10 @@ class Thumbnail(QLabel):
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.setToolTip(name)
         self.setAccessibleName(f"Image {name}; press Enter to enlarge")
-        pix = QPixmap(str(path)) if path is not None else QPixmap()
+        if isinstance(path, QImage):  # a question not stored yet: its preview
+            pix = QPixmap.fromImage(path)
+        else:
+            pix = QPixmap(str(path)) if path is not None else QPixmap()
         if pix.isNull():
             self.setPixmap(render("image", 32, colors().muted, self.devicePixelRatioF()))
         else:
@@ -95,7 +99,7 @@ class MessageBubble(QFrame):
     image_clicked = Signal(int)
 
     def __init__(
-        self, role: str, text: str, images: Sequence[tuple[Path | None, str]] = (), msg_id: int | None = None
+        self, role: str, text: str, images: Sequence[tuple[Path | QImage | None, str]] = (), msg_id: int | None = None
     ) -> None:
         super().__init__()
         self.role = role
@@ -110,15 +114,17 @@ class MessageBubble(QFrame):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(14, 10, 14, 8)
         layout.setSpacing(6)
+        self._thumbs: list[Thumbnail] = []
+        self._grid = QGridLayout()
+        self._grid.setSpacing(6)
+        self._grid_cols = 0
+        for i, (path, name) in enumerate(images):
+            thumb = Thumbnail(path, name)
+            thumb.clicked.connect(lambda i=i: self.image_clicked.emit(i))
+            self._thumbs.append(thumb)
         if images:
-            row = QHBoxLayout()
-            row.setSpacing(6)
-            for i, (path, name) in enumerate(images):
-                thumb = Thumbnail(path, name)
-                thumb.clicked.connect(lambda i=i: self.image_clicked.emit(i))
-                row.addWidget(thumb)
-            row.addStretch(1)
-            layout.addLayout(row)
+            layout.addLayout(self._grid)
+            self._wrap(len(self._thumbs))
         self.label = QLabel()
         self.label.setObjectName("BubbleText")
         self.label.setWordWrap(True)
@@ -143,6 +149,21 @@ class MessageBubble(QFrame):
         layout.addLayout(footer)
         self.set_text(text)
         self.setAccessibleName("Your message" if role == "user" else "Answer")
+
+    def _wrap(self, cols: int) -> None:
+        """Lay the thumbnails out `cols` to a row (many images wrap instead of widening the bubble)."""
+        cols = max(1, min(cols, len(self._thumbs)))
+        if cols == self._grid_cols:
+            return
+        self._grid_cols = cols
+        for thumb in self._thumbs:
+            self._grid.removeWidget(thumb)
+        for i, thumb in enumerate(self._thumbs):
+            self._grid.addWidget(thumb, i // cols, i % cols)
+        self._grid.setColumnStretch(cols, 1)
+
+    def thumbnail_rows(self) -> int:
+        return -(-len(self._thumbs) // self._grid_cols) if self._thumbs else 0
 
     def set_text(self, text: str) -> None:
         self.text = text
@@ -196,8 +217,9 @@ class MessageBubble(QFrame):
         natural = int(max(fm.horizontalAdvance(line) for line in lines[:200]) * 1.05) + 12
         if self.role == "assistant" and ("```" in self.text or "|" in self.text):
             natural = max_width  # code blocks and tables get the room they need
-        thumbs = self.findChildren(Thumbnail)
-        natural = max(natural, len(thumbs) * (THUMB + 6), 120)
+        if self._thumbs:
+            self._wrap((max_width - 28 + 6) // (THUMB + 6))
+        natural = max(natural, self._grid_cols * (THUMB + 6), 120)
         for label in (*self._settled, self.label):
             label.setMinimumWidth(min(natural, max_width - 28))
 
@@ -232,6 +254,12 @@ class ChatView(QScrollArea):
         self._column.setSpacing(14)
         self._empty = self._make_empty_state()
         self._column.addWidget(self._empty, 1)
+        self.stage = QLabel()  # what a question waits on before its first token; rows go above it
+        self.stage.setObjectName("Notice")
+        self.stage.setTextFormat(Qt.TextFormat.PlainText)
+        self.stage.setAccessibleName("Progress of the question")
+        self.stage.setVisible(False)
+        self._column.addWidget(self.stage)
         self._column.addStretch(0)
         self.setWidget(body)
         self._rows: list[tuple[QWidget, MessageBubble | None]] = []  # (row widget, bubble or None for notices)
@@ -288,9 +316,14 @@ class ChatView(QScrollArea):
         return out
 
     def _add_bubble(
-        self, role: str, text: str, refs: Sequence[ImageRef] = (), msg_id: int | None = None
+        self,
+        role: str,
+        text: str,
+        refs: Sequence[ImageRef] = (),
+        msg_id: int | None = None,
+        previews: Sequence[tuple[QImage, str]] = (),
     ) -> MessageBubble:
-        bubble = MessageBubble(role, text, self._image_entries(refs), msg_id)
+        bubble = MessageBubble(role, text, list(previews) or self._image_entries(refs), msg_id)
         bubble.copy_clicked.connect(lambda b=bubble: QGuiApplication.clipboard().setText(b.text))
         bubble.regenerate_clicked.connect(self.regenerate_requested.emit)
         bubble.edit_clicked.connect(lambda b=bubble: self.edit_requested.emit(b.msg_id, b.text))
@@ -311,7 +344,7 @@ class ChatView(QScrollArea):
 
     def _insert_row(self, row: QWidget, bubble: MessageBubble | None) -> None:
         self._empty.setVisible(False)
-        self._column.insertWidget(self._column.count() - 1, row)
+        self._column.insertWidget(self._column.indexOf(self.stage), row)
         self._rows.append((row, bubble))
 
     def add_notice(self, text: str) -> None:
@@ -331,7 +364,25 @@ class ChatView(QScrollArea):
     def notices(self) -> list[str]:
         return [w.text() for w, b in self._rows if b is None and isinstance(w, QLabel)]
 
+    def show_question(self, text: str, previews: Sequence[tuple[QImage, str]]) -> MessageBubble:
+        """A question at once, with its images, before it is stored; the stored one replaces it at Started."""
+        bubble = self._add_bubble("user", text, previews=previews)
+        self.set_stage("sending…")
+        self._stick_to_bottom = True
+        return bubble
+
+    def set_stage(self, text: str) -> None:
+        """The line under the question until the first token ("" hides it); once the answer's bubble is there, its
+        footer says it instead."""
+        if self._streaming is not None and text:
+            if not self.streaming_text():
+                self._streaming.set_meta(text)
+            text = ""
+        self.stage.setText(text)
+        self.stage.setVisible(bool(text))
+
     def clear(self) -> None:
+        self.set_stage("")
         self._flush_timer.stop()
         self._buffer.clear()
         self._streaming = None
@@ -386,7 +437,8 @@ class ChatView(QScrollArea):
         bubble = self._add_bubble("assistant", "", (), assistant_msg.id if assistant_msg is not None else None)
         bubble.streaming = True
         bubble.set_text("")
-        bubble.set_meta("writing…")
+        bubble.set_meta(self.stage.text() or "writing…")
+        self.stage.setVisible(False)
         self._streaming = bubble
         self._stick_to_bottom = True
         self._update_actions()
@@ -396,6 +448,8 @@ class ChatView(QScrollArea):
         """Buffer a streamed piece; the bubble is updated at most every FLUSH_MS."""
         if self._streaming is None:
             return
+        if not self._buffer and not self._streaming.text:
+            self._streaming.set_meta("writing…")
         self._buffer.append(piece)
         if not self._flush_timer.isActive():
             self._flush_timer.start()
@@ -414,6 +468,7 @@ class ChatView(QScrollArea):
         return self._streaming.text + "".join(self._buffer)
 
     def finish_answer(self, message: Message | None, record: AnswerRecord | None) -> None:
+        self.set_stage("")
         bubble = self._streaming
         self.flush()
         self._flush_timer.stop()
@@ -458,6 +513,7 @@ class ChatView(QScrollArea):
 
     def fail_answer(self, message: str) -> None:
         """End a stream that failed: keep what was written, if anything, and say what happened."""
+        self.set_stage("")
         bubble = self._streaming
         self.flush()
         self._flush_timer.stop()

@@ -129,3 +129,15 @@ def record_summary(record: AnswerRecord | Mapping[str, Any] | None) -> str:
     elif figure(record, "stop_reason") == "length":
         parts.append("cut at the length limit")
     return " · ".join(parts)
+
+
+def stage_line(stage: str, done: float, total: float | None) -> str:
+    """What a question waits on before its first token, e.g. 'encoding image 3 of 25'."""
+    n = int(total or 0)
+    if stage == "storing images" and n:
+        return f"checking image {min(int(done) + 1, n)} of {n}…"
+    if stage == "encoding images" and n:
+        if done >= n:
+            return "reading the conversation…"
+        return f"encoding image {min(int(done) + 1, n)} of {n}…"
+    return f"{stage}…"

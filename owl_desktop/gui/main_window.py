@@ -112,6 +112,7 @@ class MainWindow(QMainWindow):
         self._chat_used = 0  # context positions the open chat took at its last answer
         self._pending_submission: tuple[str, list[ImageSource]] | None = None  # asked while the model loads
         self._pending_images: list[PendingImage] = []
+        self._question_shown = False  # the question being sent is in the chat (before it is stored)
         self._last_submission: tuple[str, list[PendingImage]] | None = None
         self._models_window: ModelsWindow | None = None
         self._start_model: str | None = None  # what start_background_work loads
@@ -224,6 +225,7 @@ class MainWindow(QMainWindow):
         w.progress.connect(self._on_engine_progress)
         w.started.connect(self._on_started)
         w.piece.connect(self.chat.append_text)
+        w.stage.connect(self._on_stage)
         w.finished.connect(self._on_finished)
         w.failed.connect(self._on_failed)
         self.welcome.model_ready.connect(self._on_model_installed)
@@ -535,8 +537,16 @@ class MainWindow(QMainWindow):
         if self.state is State.LOADING:
             self._pending_submission = (text, sources)
             self.status.set_activity("waiting for the model to load…", None, True)
+            self._show_question(text, images)
+            self.chat.set_stage("waiting for the model to load…")
             return
         self._ask(text, sources)
+
+    def _show_question(self, text: str, images: list[PendingImage]) -> None:
+        if self.pages.currentWidget() is not self.chat_page:
+            self.pages.setCurrentWidget(self.chat_page)
+        self.chat.show_question(text, [(img.preview, img.name) for img in images])
+        self._question_shown = True
 
     def _ask(self, text: str, sources: list[ImageSource]) -> None:
         if self.current_id is None:
@@ -547,7 +557,11 @@ class MainWindow(QMainWindow):
                 return
             self.current_id = conv.id
             self.chat.clear()
+            self._question_shown = False
             self.refresh_conversations()
+        if not self._question_shown:
+            self._show_question(text, self._pending_images)
+        self._question_shown = False
         self._last_submission = (text, list(self._pending_images))
         self.set_state(State.ANSWERING)
         self.status.clear_speed()
@@ -603,6 +617,14 @@ class MainWindow(QMainWindow):
         self.chat.begin_answer(assistant_msg)
         self.status.set_activity("answering…", None, True)
         self._refresh_title(conv_id)
+
+    def _on_stage(self, p: Progress) -> None:
+        from owl_desktop.gui.format import stage_line
+
+        if self.state is State.ANSWERING:
+            line = stage_line(p.stage, p.done, p.total)
+            self.chat.set_stage(line)
+            self.status.set_activity(line, p.fraction, True)
 
     def _on_finished(self, conv_id: str, message: Message, record: AnswerRecord) -> None:
         if conv_id == self.current_id:

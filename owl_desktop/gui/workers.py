@@ -49,6 +49,7 @@ class EngineWorker(QObject):
     progress = Signal(object)  # tasks.Progress
     started = Signal(object, object, object)  # conversation id, user message, assistant message
     piece = Signal(str)
+    stage = Signal(object)  # tasks.Progress: what a question waits on before its first token (storing, encoding…)
     finished = Signal(object, object, object)  # conversation id, message, record
     failed = Signal(object, str, bool)  # conversation id, message, whether the question was stored
     idle = Signal()  # the current request is over, whatever the outcome
@@ -111,21 +112,24 @@ class EngineWorker(QObject):
 
         def events() -> Iterable[ChatEvent]:
             try:
-                stored = [self._service.images.add(src, name) for src, name in sources]
+                stored = []
+                for i, (src, name) in enumerate(sources):
+                    self.stage.emit(Progress("storing images", i, len(sources), "images"))
+                    stored.append(self._service.images.add(src, name))
             except Exception as exc:  # noqa: BLE001 - e.g. ImageError: nothing was stored, the question returns
                 self.failed.emit(conv_id, user_message(exc), False)
                 return iter(())
-            return self._service.ask(conv_id, text, stored)
+            return self._service.ask(conv_id, text, stored, progress=self.stage.emit)
 
         self._run(conv_id, events)
 
     @Slot(object)
     def regenerate(self, conv_id: str) -> None:
-        self._run(conv_id, lambda: self._service.regenerate(conv_id))
+        self._run(conv_id, lambda: self._service.regenerate(conv_id, progress=self.stage.emit))
 
     @Slot(object, object, str)
     def edit_and_resend(self, conv_id: str, user_msg_id: int, text: str) -> None:
-        self._run(conv_id, lambda: self._service.edit_and_resend(conv_id, user_msg_id, text))
+        self._run(conv_id, lambda: self._service.edit_and_resend(conv_id, user_msg_id, text, progress=self.stage.emit))
 
     def stop(self) -> None:
         """Thread-safe: called directly from the GUI thread while a slot runs here."""

@@ -1,0 +1,115 @@
+# ruff: noqa: F811 - the fixtures imported from test_gui are parameters of the tests
+"""Issue 14 through the real window: honest about what the model sees, figures per chat, model text kept inert,
+previews of large images off the GUI thread. Fixtures (the demo model on the real engine thread) from test_gui."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import QObject, Qt, Slot  # noqa: E402
+from test_gui import ANSWER_MS, demo_bundle, hold_after_pieces, make_window, pictures  # noqa: E402, F401
+
+from owl_desktop.gui.format import answer_speed, stage_line  # noqa: E402
+from owl_desktop.gui.main_window import State  # noqa: E402
+from owl_desktop.tasks import Progress  # noqa: E402
+
+
+def test_the_question_shows_at_once_with_a_stage_line_until_the_first_token(qtbot, make_window, tmp_path: Path) -> None:  # noqa: ANN001
+    window = make_window()
+    shots = []
+    for i in range(3):
+        p = tmp_path / f"shot-{i}.png"
+        Image.fromarray(np.full((90, 120, 3), 40 * i + 30, np.uint8)).save(p)
+        shots.append(p)
+    window.composer.add_files(shots)
+    shown: list[str] = []
+
+    class Seen(QObject):
+        @Slot(object)
+        def after_the_window(self, _p: Progress) -> None:  # on the GUI thread, after the window's own slot
+            bubble = window.chat.bubbles()[-1]
+            shown.append(window.chat.stage.text() if window.chat.stage.isVisible() else bubble.meta.text())
+
+    seen = Seen()
+    window.engine.worker.stage.connect(seen.after_the_window)
+    window.composer.edit.setFocus()
+    qtbot.keyClicks(window.composer.edit, "What differs?")
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        qtbot.keyClick(window.composer.edit, Qt.Key.Key_Return)
+        # before any event from the engine thread: the question and its three images are in the chat
+        [question] = window.chat.bubbles()
+        assert question.role == "user" and question.text == "What differs?"
+        assert len(question._thumbs) == 3 and window.chat.stage.isVisible()
+        assert window.pages.currentWidget() is window.chat_page
+    print("stage lines:", shown)
+    assert shown[:3] == ["checking image 1 of 3…", "checking image 2 of 3…", "checking image 3 of 3…"], shown
+    assert "encoding image 1 of 3…" in shown and shown[-1] == "reading the conversation…", shown
+    assert not window.chat.stage.isVisible()
+    assert [b.role for b in window.chat.bubbles()] == ["user", "assistant"]
+    assert window.chat.bubbles()[0].msg_id is not None  # the stored question replaced the one shown at Enter
+
+
+def test_status_figures_belong_to_the_chat_shown(qtbot, make_window, pictures) -> None:  # noqa: ANN001
+    window = make_window()
+    window.composer.add_files(pictures[:1])
+    window.composer.edit.setPlainText("Describe it")
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        window.composer.submit()
+    first = window.current_id
+    meta = window.services.store.messages(first)[-1].meta
+    assert window.status.speed.text() == answer_speed(meta) != ""
+    assert window.status.context.isVisible()
+
+    window.new_conversation()
+    assert window.status.speed.text() == "" and not window.status.context.isVisible()
+    assert window.status.context_label.text() == ""
+
+    window.open_conversation(first)
+    assert window.status.speed.text() == answer_speed(meta)
+    assert f"({meta['context_used']} / {meta['context_size']})" in window.status.context_label.text()
+
+    hold_after_pieces(window, 2)
+    window.composer.edit.setPlainText("And again")
+    window.composer.submit()
+    qtbot.waitUntil(lambda: window.chat.streaming_text() != "", timeout=ANSWER_MS)
+    assert window.status.speed.text() == ""  # no previous turn's tok/s while this one streams
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        window.stop()
+    assert window.state is State.READY
+
+
+def test_model_text_is_inert_and_small(qtbot, make_window) -> None:  # noqa: ANN001
+    """Issue 10: an answer (or a title) with raw HTML or Markdown images reads no file and does not hang."""
+    window = make_window(with_model=False)
+    store = window.services.store
+    conv = store.create('<img src="/dev/zero"> title')
+    store.add_message(conv.id, "user", "show me")
+    store.add_message(
+        conv.id,
+        "assistant",
+        '# Huge heading\n\nraw <img src="/dev/zero"> and ![zero](/dev/zero) and <b>bold?</b>',
+        meta={"state": "done"},
+    )
+    store.add_message(conv.id, "user", "again")
+    store.add_message(conv.id, "assistant", "", meta={"state": "stopped"})
+    window.open_conversation(conv.id)
+    assert window.title.text() == '<img src="/dev/zero"> title'
+    assert window.title.textFormat() == Qt.TextFormat.PlainText
+    answer = window.chat.bubbles()[1]
+    html = answer.label.text()
+    assert "<img" not in html and "&lt;img" in html and "[image: zero]" in html
+    assert "<h1" not in html and "xx-large" not in html
+    assert "Stopped before the first word" in window.chat.bubbles()[3].label.text()
+
+
+def test_stage_lines_read_naturally() -> None:
+    assert stage_line("storing images", 0, 25) == "checking image 1 of 25…"
+    assert stage_line("encoding images", 8, 25) == "encoding image 9 of 25…"
+    assert stage_line("encoding images", 25, 25) == "reading the conversation…"
+    assert stage_line("reading the conversation", 0, None) == "reading the conversation…"
