@@ -95,6 +95,45 @@ def decode(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Im
         raise ImageError(f"{name}: unsupported colour mode {img.mode} in this {fmt} ({_reason(exc)})") from exc
 
 
+def preview(data: bytes, name: str = "image", max_side: int = 320) -> tuple[Image.Image, tuple[int, int]]:
+    """A small RGB copy of an image for showing it (at most `max_side` a side) and the image's full size (EXIF
+    orientation applied). The same checks and messages as `decode`; JPEG is decoded at a reduced scale (draft),
+    other formats are shrunk as they load, so a 10000×8000 image costs no more than decoding it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(
+                    f"{name}: image too large ({width}×{height} = {width * height:,} pixels; "
+                    f"the limit is {MAX_PIXELS:,} pixels)"
+                )
+            orientation = img.getexif().get(0x0112, 1)
+            img.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale; others: no effect
+            img.thumbnail((max_side, max_side), reducing_gap=2.0)  # loads every pixel: corrupt data fails here
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: image too large ({_bomb_pixels(exc, MAX_PIXELS)})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not an image, or an unsupported image format") from exc
+    except MemoryError as exc:
+        raise ImageError(f"{name}: not enough memory to decode the image") from exc
+    except Exception as exc:  # Pillow's decoders raise many types on malformed input
+        raise ImageError(f"{name}: the image data is corrupt or truncated ({_reason(exc)})") from exc
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:  # a broken EXIF block: shown unrotated
+        orientation = 1
+    if orientation in (5, 6, 7, 8):  # turned a quarter: the full size turns with it
+        width, height = height, width
+    try:
+        return to_rgb(img), (width, height)
+    except (ValueError, OSError, MemoryError) as exc:
+        raise ImageError(f"{name}: unsupported colour mode {img.mode} ({_reason(exc)})") from exc
+
+
 def load_image(source: Path | str | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Read and decode an image file (or bytes) to an RGB Pillow image, raising ImageError for anything unusable."""
     data, label = read_source(source, name)

@@ -113,3 +113,60 @@ def test_stage_lines_read_naturally() -> None:
     assert stage_line("encoding images", 8, 25) == "encoding image 9 of 25…"
     assert stage_line("encoding images", 25, 25) == "reading the conversation…"
     assert stage_line("reading the conversation", 0, None) == "reading the conversation…"
+
+
+def _big_png(path: Path, width: int, height: int) -> Path:
+    """A valid PNG of width×height, written quickly (a gradient, little compression)."""
+    Image.linear_gradient("L").resize((width, height)).convert("RGB").save(path, compress_level=1)
+    return path
+
+
+def test_large_images_are_previewed_and_only_the_engine_limit_refuses(qtbot, make_window, tmp_path) -> None:  # noqa: ANN001
+    window = make_window()
+    wide = _big_png(tmp_path / "wide.png", 10000, 8000)  # 80 MP: above Qt's 256 MB image allocation limit as RGB32
+    window.composer.add_files([wide])
+    [image] = window.composer.images()
+    chip = window.composer.strip.chip_of(image)
+    assert chip is not None and image.preview is None  # shown at once, previewed off the GUI thread
+    qtbot.waitUntil(lambda: image.preview is not None, timeout=ANSWER_MS)
+    assert image.size == (10000, 8000) and max(image.preview.width(), image.preview.height()) <= 320
+    assert not window.banner.isVisible()
+
+    huge = _big_png(tmp_path / "huge.png", 12000, 12000)  # 144 MP: the engine's limit, said as the engine says it
+    window.composer.add_files([huge])
+    qtbot.waitUntil(window.banner.isVisible, timeout=ANSWER_MS)
+    message = window.banner.text.text()
+    assert "huge.png" in message and "image too large (12000×12000" in message, message
+    assert "damaged" not in message and "corrupt" not in message
+    assert [i.name for i in window.composer.images()] == ["wide.png"]
+
+
+def test_pasting_a_50_megapixel_image_does_not_stall_the_window(qtbot, make_window) -> None:  # noqa: ANN001
+    """A timer ticks every 5 ms on the GUI thread while the paste is encoded and previewed; the longest gap between
+    ticks is the longest the window could not answer. The issue's goal is < 50 ms; asserted with room for a busy
+    machine, the figure is printed."""
+    import time
+
+    from PySide6.QtCore import QTimer
+    from PySide6.QtGui import QGuiApplication, QImage
+
+    window = make_window()
+    bitmap = QImage(8660, 5774, QImage.Format.Format_RGB32)  # 50 MP, as a screenshot tool puts it on the clipboard
+    bitmap.fill(Qt.GlobalColor.darkCyan)
+    QGuiApplication.clipboard().setImage(bitmap)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(5)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    qtbot.wait(50)
+    window.composer.edit.setFocus()
+    qtbot.keyClick(window.composer.edit, Qt.Key.Key_V, Qt.KeyboardModifier.ControlModifier)
+    [image] = window.composer.images()
+    qtbot.waitUntil(lambda: image.ready, timeout=ANSWER_MS)
+    qtbot.wait(30)
+    timer.stop()
+    worst_ms = max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) * 1000
+    print(f"stall probe: longest GUI-thread gap while pasting 50 MP: {worst_ms:.1f} ms over {len(ticks)} ticks")
+    assert image.size == (8660, 5774) and isinstance(image.source, bytes)
+    assert worst_ms < 250

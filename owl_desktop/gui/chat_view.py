@@ -61,10 +61,10 @@ class Thumbnail(QLabel):
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.setToolTip(name)
         self.setAccessibleName(f"Image {name}; press Enter to enlarge")
-        if isinstance(path, QImage):  # a question not stored yet: its preview
+        if isinstance(path, QImage) and not path.isNull():  # a question not stored yet: its preview
             pix = QPixmap.fromImage(path)
         else:
-            pix = QPixmap(str(path)) if path is not None else QPixmap()
+            pix = QPixmap(str(path)) if isinstance(path, Path) else QPixmap()
         if pix.isNull():
             self.setPixmap(render("image", 32, colors().muted, self.devicePixelRatioF()))
         else:

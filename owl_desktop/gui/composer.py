@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QMimeData, QPoint, QSize, Qt, Signal
-from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent, QKeyEvent, QMouseEvent, QPixmap
+from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent, QImage, QKeyEvent, QMouseEvent, QPixmap
 from PySide6.QtWidgets import (
     QFileDialog,
     QFrame,
@@ -20,8 +20,8 @@ from PySide6.QtWidgets import (
 )
 
 from owl_desktop.gui import attachments
-from owl_desktop.gui.attachments import PendingImage
-from owl_desktop.gui.icons import icon
+from owl_desktop.gui.attachments import PendingImage, PreviewPool
+from owl_desktop.gui.icons import icon, render
 from owl_desktop.gui.pdf_attach import PdfAttacher, split_pdfs
 from owl_desktop.gui.theme import colors, theme_bus
 
@@ -44,16 +44,10 @@ class AttachmentChip(QFrame):
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.setToolTip(f"{image.name}: drag or Ctrl+←/→ to reorder, Delete to remove")
         self.setAccessibleName(f"Attached image {image.name}")
-        pic = QLabel(self)
-        dpr = self.devicePixelRatioF()
-        side = round((CHIP - 4) * dpr)
-        pix = QPixmap.fromImage(image.preview).scaled(
-            side, side, Qt.AspectRatioMode.KeepAspectRatioByExpanding, Qt.TransformationMode.SmoothTransformation
-        )
-        pix = pix.copy((pix.width() - side) // 2, (pix.height() - side) // 2, side, side)
-        pix.setDevicePixelRatio(dpr)
-        pic.setPixmap(pix)
-        pic.setGeometry(2, 2, CHIP - 4, CHIP - 4)
+        self.pic = QLabel(self)
+        self.pic.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.pic.setGeometry(2, 2, CHIP - 4, CHIP - 4)
+        self.show_preview()
         self.remove_button = QToolButton(self)
         self.remove_button.setObjectName("ChipRemove")
         self.remove_button.setIcon(icon("close", "#ffffff"))
@@ -67,6 +61,22 @@ class AttachmentChip(QFrame):
         self.remove_button.clicked.connect(lambda: self.remove_clicked.emit(self))
         self._press: QPoint | None = None
         self._dragging = False
+
+    def show_preview(self) -> None:
+        """The image's preview, or a placeholder while the pool still reads it."""
+        dpr = self.devicePixelRatioF()
+        if self.image.preview is None or self.image.preview.isNull():
+            self.pic.setPixmap(render("image", 28, colors().muted, dpr))
+            self.pic.setToolTip("reading the image…")
+            return
+        side = round((CHIP - 4) * dpr)
+        pix = QPixmap.fromImage(self.image.preview).scaled(
+            side, side, Qt.AspectRatioMode.KeepAspectRatioByExpanding, Qt.TransformationMode.SmoothTransformation
+        )
+        pix = pix.copy((pix.width() - side) // 2, (pix.height() - side) // 2, side, side)
+        pix.setDevicePixelRatio(dpr)
+        self.pic.setPixmap(pix)
+        self.pic.setToolTip("")
 
     def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 - Qt override
         ctrl = event.modifiers() & (Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.AltModifier)
@@ -118,6 +128,9 @@ class AttachmentStrip(QWidget):
 
     def images(self) -> list[PendingImage]:
         return [c.image for c in self._chips]
+
+    def chip_of(self, image: PendingImage) -> AttachmentChip | None:
+        return next((c for c in self._chips if c.image is image), None)
 
     def add(self, image: PendingImage) -> None:
         chip = AttachmentChip(image)
@@ -231,6 +244,9 @@ class Composer(QFrame):
         self._busy = False
         self._paste_count = 0
         self._editing: object | None = None
+        self._send_when_ready = False  # Enter came while a pasted image was still being encoded
+        self.previews = PreviewPool(self)
+        self.previews.done.connect(self._on_prepared)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(10, 8, 10, 8)
         outer.setSpacing(4)
@@ -351,6 +367,11 @@ class Composer(QFrame):
         if self._busy or not text:
             return
         if self._editing is None:
+            if any(img.source is None for img in self.images()):  # a paste still being encoded: send when ready
+                self._send_when_ready = True
+                self.budget_line.setText("Preparing the pasted image; the message goes out when it is ready.")
+                self.budget_line.setVisible(True)
+                return
             self.update_budget()
             if self._budget_kind == "error":
                 self.refused.emit(self.budget_line.text())
@@ -392,15 +413,34 @@ class Composer(QFrame):
         self.add_files([Path(f) for f in files])
 
     def add_files(self, files: list[Path]) -> None:
+        """Attach files at once; their previews follow from the pool (a damaged one is then removed, and said)."""
         self.pdfs.attach([p for p in files if p.suffix.lower() == ".pdf"])
         refused = []
         for path in (p for p in files if p.suffix.lower() != ".pdf"):
             try:
-                self.strip.add(attachments.from_file(path))
+                self.attach(attachments.check_file(path))
             except attachments.AttachmentError as exc:
                 refused.append(str(exc))
         if refused:
             self.refused.emit(" ".join(refused))
+
+    def attach(self, image: PendingImage, bitmap: QImage | None = None) -> None:
+        self.strip.add(image)
+        if not image.ready:
+            self.previews.prepare(image, bitmap)
+
+    def _on_prepared(self, image: PendingImage, error: str) -> None:
+        chip = self.strip.chip_of(image)
+        if error:
+            if chip is not None:
+                self.strip.remove(self.strip.images().index(image))
+            self.refused.emit(error)
+        elif chip is not None:
+            chip.show_preview()
+            self._update_buttons()
+        if self._send_when_ready and not any(img.source is None for img in self.images()):
+            self._send_when_ready = False
+            self.submit()
 
     def add_mime(self, mime: QMimeData) -> bool:
         """Attach what a drop or paste carries; refused items are reported. True when something was added."""
@@ -411,8 +451,8 @@ class Composer(QFrame):
         mime = rest
         self._paste_count += 1 if mime.hasImage() and not mime.hasUrls() else 0
         images, refused = attachments.from_mime(mime, self._paste_count)
-        for image in images:
-            self.strip.add(image)
+        for image, bitmap in images:
+            self.attach(image, bitmap)
         if refused:
             self.refused.emit(" ".join(refused))
         elif not images:

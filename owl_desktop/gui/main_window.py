@@ -661,7 +661,7 @@ class MainWindow(QMainWindow):
             self.composer.edit.setPlainText(text)
         if not self.composer.images():
             for image in images:
-                self.composer.strip.add(image)
+                self.composer.attach(image)
 
     def _refresh_title(self, conv_id: str) -> None:
         try:
@@ -698,6 +698,8 @@ class MainWindow(QMainWindow):
 
         shown = []
         for source, name in entries:
+            if source is None:  # a paste still being encoded
+                continue
             if isinstance(source, bytes):
                 tmp = Path(tempfile.gettempdir()) / f"owl-preview-{abs(hash(source))}.png"
                 if not tmp.exists():
