@@ -13,7 +13,16 @@ from PIL import Image
 pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import QObject, Qt, Slot  # noqa: E402
-from test_gui import ANSWER_MS, demo_bundle, hold_after_pieces, make_window, pictures  # noqa: E402, F401
+from test_gui import (  # noqa: E402, F401
+    ANSWER_MS,
+    ask,
+    demo_bundle,
+    hold_after_pieces,
+    make_window,
+    pictures,
+    save_shot,
+    screenshot_dir,
+)
 
 from owl_desktop.gui.format import answer_speed, stage_line  # noqa: E402
 from owl_desktop.gui.main_window import State  # noqa: E402
@@ -170,3 +179,75 @@ def test_pasting_a_50_megapixel_image_does_not_stall_the_window(qtbot, make_wind
     print(f"stall probe: longest GUI-thread gap while pasting 50 MP: {worst_ms:.1f} ms over {len(ticks)} ticks")
     assert image.size == (8660, 5774) and isinstance(image.source, bytes)
     assert worst_ms < 250
+
+
+def _shots(tmp_path: Path, n: int) -> list[Path]:
+    out = []
+    for i in range(n):
+        p = tmp_path / f"shot-{i:02d}.png"
+        Image.fromarray(np.full((60, 80, 3), (i * 10) % 256, np.uint8)).save(p)
+        out.append(p)
+    return out
+
+
+def test_twenty_five_pending_images_scroll_and_each_keeps_its_remove_button(qtbot, make_window, tmp_path) -> None:  # noqa: ANN001
+    from owl_desktop.gui.composer import CHIP
+
+    window = make_window()
+    window.resize(900, 700)
+    shots = _shots(tmp_path, 25)
+    window.composer.add_files(shots)
+    strip = window.composer.strip
+    qtbot.waitUntil(lambda: all(i.ready for i in window.composer.images()), timeout=ANSWER_MS)
+    chips = [strip.chip_of(i) for i in window.composer.images()]
+    qtbot.waitUntil(lambda: strip.horizontalScrollBar().maximum() > 0)  # the row scrolls instead of squeezing
+    assert all(c is not None and c.width() == CHIP and c.height() == CHIP for c in chips)
+    xs = [c.x() for c in chips]
+    assert all(b - a >= CHIP for a, b in zip(xs, xs[1:], strict=False))  # side by side, never overlapping
+    assert window.composer.width() <= window.width()
+    # the last chip reached by keyboard scrolls into view; Ctrl+← moves it, Delete removes it
+    last = chips[-1]
+    last.setFocus()
+    qtbot.waitUntil(lambda: strip.horizontalScrollBar().value() > 0)
+    assert last.visibleRegion().boundingRect().width() == CHIP
+    qtbot.keyClick(last, Qt.Key.Key_Left, Qt.KeyboardModifier.ControlModifier)
+    assert window.composer.images()[23].name == "shot-24.png"
+    qtbot.keyClick(last, Qt.Key.Key_Delete)
+    assert len(window.composer.images()) == 24 and "shot-24.png" not in [i.name for i in window.composer.images()]
+    # every × still works, the last one too
+    remaining = window.composer.images()
+    qtbot.mouseClick(strip.chip_of(remaining[-1]).remove_button, Qt.MouseButton.LeftButton)
+    assert len(window.composer.images()) == 23
+
+
+def _varied_shots(tmp_path: Path, n: int) -> list[Path]:
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        arr = rng.integers(0, 120, (150, 200, 3), dtype=np.uint8)
+        arr[:, : 20 * (i % 10 + 1), i % 3] = 230
+        p = tmp_path / f"screen-{i + 1:02d}.png"
+        Image.fromarray(arr).save(p)
+        out.append(p)
+    return out
+
+
+def test_screenshots_for_issue_14(qtbot, make_window, tmp_path) -> None:  # noqa: ANN001
+    """Chat with 8 images, the composer with 25 pending (and its budget line), and the minimum size, both themes."""
+    shots = _varied_shots(tmp_path, 25)
+    for theme in ("light", "dark"):
+        window = make_window(theme=theme, max_new_tokens=60)
+        window.new_conversation()
+        window.composer.add_files(shots[:8])
+        ask(qtbot, window, "Which of these screenshots shows the settings page?")
+        save_shot(window, f"chat-8-images-{theme}")
+        window.composer.add_files(shots)
+        window.composer.edit.setPlainText("Compare all of them")
+        qtbot.waitUntil(lambda: all(i.ready for i in window.composer.images()), timeout=ANSWER_MS)  # noqa: B023
+        assert window.composer.budget_kind() == "warn"  # 25 × 65 positions: only without the earlier turn
+        save_shot(window, f"composer-25-pending-{theme}")
+        window.resize(720, 480)
+        qtbot.waitUntil(lambda: window.width() == 720)  # noqa: B023
+        save_shot(window, f"minimum-size-{theme}")
+        window.close()
+    print(f"screenshots in {screenshot_dir()}")

@@ -6,13 +6,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QMimeData, QPoint, QSize, Qt, Signal
-from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent, QImage, QKeyEvent, QMouseEvent, QPixmap
+from PySide6.QtGui import (
+    QDragEnterEvent,
+    QDragMoveEvent,
+    QDropEvent,
+    QFocusEvent,
+    QImage,
+    QKeyEvent,
+    QMouseEvent,
+    QPixmap,
+)
 from PySide6.QtWidgets import (
     QFileDialog,
     QFrame,
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
+    QScrollArea,
     QSizePolicy,
     QToolButton,
     QVBoxLayout,
@@ -35,6 +45,7 @@ class AttachmentChip(QFrame):
     move_by = Signal(object, int)
     drag_to = Signal(object, QPoint)  # global position while dragging
     open_clicked = Signal(object)
+    focused = Signal(object)
 
     def __init__(self, image: PendingImage) -> None:
         super().__init__()
@@ -78,6 +89,10 @@ class AttachmentChip(QFrame):
         self.pic.setPixmap(pix)
         self.pic.setToolTip("")
 
+    def focusInEvent(self, event: QFocusEvent) -> None:  # noqa: N802 - Qt override
+        super().focusInEvent(event)
+        self.focused.emit(self)
+
     def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 - Qt override
         ctrl = event.modifiers() & (Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.AltModifier)
         if event.key() in (Qt.Key.Key_Delete, Qt.Key.Key_Backspace):
@@ -113,16 +128,28 @@ class AttachmentChip(QFrame):
         super().mouseReleaseEvent(event)
 
 
-class AttachmentStrip(QWidget):
+class AttachmentStrip(QScrollArea):
+    """The pending images in a row that scrolls sideways: every chip keeps its size and its ×, at any count."""
+
     changed = Signal()
     open_requested = Signal(list, int)  # [(source, name)], index
 
     def __init__(self) -> None:
         super().__init__()
-        self._row = QHBoxLayout(self)
-        self._row.setContentsMargins(4, 4, 4, 0)
+        self.setObjectName("AttachmentStrip")
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setWidgetResizable(True)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        self.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        inner = QWidget()
+        inner.setObjectName("AttachmentRow")
+        self._row = QHBoxLayout(inner)
+        self._row.setContentsMargins(4, 4, 4, 4)
         self._row.setSpacing(8)
         self._row.addStretch(1)
+        self.setWidget(inner)
+        self.setFixedHeight(CHIP + 8 + self.horizontalScrollBar().sizeHint().height())
         self._chips: list[AttachmentChip] = []
         self.setVisible(False)
 
@@ -138,6 +165,7 @@ class AttachmentStrip(QWidget):
         chip.move_by.connect(lambda c, d: self.move(self._chips.index(c), self._chips.index(c) + d))
         chip.drag_to.connect(self._drag_chip)
         chip.open_clicked.connect(lambda c: self.open_requested.emit(self._entries(), self._chips.index(c)))
+        chip.focused.connect(lambda c: self.ensureWidgetVisible(c, 8, 0))
         self._chips.append(chip)
         self._row.insertWidget(len(self._chips) - 1, chip)
         self._changed()
@@ -168,7 +196,7 @@ class AttachmentStrip(QWidget):
         self._changed()
 
     def _drag_chip(self, chip: AttachmentChip, global_pos: QPoint) -> None:
-        x = self.mapFromGlobal(global_pos).x()
+        x = self.widget().mapFromGlobal(global_pos).x()
         target = max(0, min(len(self._chips) - 1, (x - 4) // (CHIP + 8)))
         self.move(self._chips.index(chip), int(target))
 

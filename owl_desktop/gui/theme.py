@@ -209,6 +209,8 @@ QPushButton[danger="true"] {{ color: {c.danger}; }}
 #Composer {{ background: {c.surface}; border: 1px solid {c.border}; border-radius: 16px; }}
 #Composer[dragging="true"] {{ border: 2px dashed {c.accent}; background: {c.accent_soft}; }}
 #ComposerEdit {{ border: none; background: transparent; padding: 4px 2px; }}
+#AttachmentStrip, #AttachmentRow {{ background: transparent; border: none; }}
+#Thumb:focus {{ border: 2px solid {c.accent}; }}
 #Banner {{ background: {c.danger_soft}; border: 1px solid {c.danger}; border-radius: 10px; }}
 #BannerText {{ color: {c.text}; }}
 
