@@ -13,6 +13,7 @@ from PIL import Image
 pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import QObject, Qt, Slot  # noqa: E402
+from PySide6.QtWidgets import QDialog  # noqa: E402
 from test_gui import (  # noqa: E402, F401
     ANSWER_MS,
     ask,
@@ -251,3 +252,61 @@ def test_screenshots_for_issue_14(qtbot, make_window, tmp_path) -> None:  # noqa
         save_shot(window, f"minimum-size-{theme}")
         window.close()
     print(f"screenshots in {screenshot_dir()}")
+
+
+def test_keyboard_moves_through_chats_without_opening_them_and_drafts_stay(qtbot, make_window) -> None:  # noqa: ANN001
+    window = make_window(with_model=False)
+    store = window.services.store
+    first, second = store.create("first chat"), store.create("second chat")
+    for conv in (first, second):
+        store.add_message(conv.id, "user", f"hello from {conv.title}")
+    window.refresh_conversations()
+    window.open_conversation(first.id)
+    qtbot.keyClicks(window.composer.edit, "a draft for the first chat")
+
+    window.sidebar.list.setFocus()
+    qtbot.keyClick(window.sidebar.list, Qt.Key.Key_Up)
+    qtbot.keyClick(window.sidebar.list, Qt.Key.Key_Down)
+    qtbot.keyClick(window.sidebar.list, Qt.Key.Key_Up)
+    assert window.current_id == first.id  # arrows move the highlight only
+    assert window.sidebar.current_id() == second.id
+    qtbot.keyClick(window.sidebar.list, Qt.Key.Key_Return)
+    assert window.current_id == second.id and window.composer.text() == ""  # the draft stayed with its chat
+    window.open_conversation(first.id)
+    assert window.composer.text() == "a draft for the first chat"
+
+
+def test_window_keys(qtbot, make_window) -> None:  # noqa: ANN001
+    window = make_window()
+    window.new_conversation()
+    window.services.store.create("a chat about cats")
+    window.refresh_conversations()
+    # Esc clears the search where the search has the focus
+    window.sidebar.search.setFocus()
+    qtbot.keyClicks(window.sidebar.search, "cats")
+    qtbot.keyClick(window.sidebar.search, Qt.Key.Key_Escape)
+    assert window.sidebar.search.text() == ""
+    # Ctrl+E from the text boxes: a new chat has nothing to export, and says so
+    for box in (window.composer.edit, window.sidebar.search):
+        window.banner.text.setText("")
+        box.setFocus()
+        qtbot.keyClick(box, Qt.Key.Key_E, Qt.KeyboardModifier.ControlModifier)
+        assert "export" in window.banner.text.text().lower()
+    # Ctrl+B hides the conversations and the choice is remembered
+    window.composer.edit.setFocus()
+    qtbot.keyClick(window.composer.edit, Qt.Key.Key_B, Qt.KeyboardModifier.ControlModifier)
+    assert not window.sidebar.isVisible()
+    assert type(window.services.settings).load().sidebar_hidden is True
+    qtbot.keyClick(window.composer.edit, Qt.Key.Key_B, Qt.KeyboardModifier.ControlModifier)
+    assert window.sidebar.isVisible()
+    # F1 lists every window key
+    qtbot.keyClick(window.composer.edit, Qt.Key.Key_F1)
+    sheets = [w for w in window.findChildren(QDialog) if w.objectName() == "ShortcutsSheet"]
+    assert sheets and sheets[-1].isVisible()
+    listed = [k for k, _ in sheets[-1].rows]
+    for keys in ("Ctrl+N", "Ctrl+E", "Ctrl+B", "Ctrl+Q", "Ctrl+Shift+V", "Esc", "F2 · Delete"):
+        assert keys in listed
+    sheets[-1].reject()
+    # Ctrl+Q closes the window
+    qtbot.keyClick(window.composer.edit, Qt.Key.Key_Q, Qt.KeyboardModifier.ControlModifier)
+    qtbot.waitUntil(lambda: not window.isVisible())

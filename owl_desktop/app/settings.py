@@ -88,6 +88,7 @@ class Settings:
     system_prompt: str | None = None  # None: the model bundle's own system prompt
     last_model_id: str | None = None
     send_on_enter: bool = True
+    sidebar_hidden: bool = False  # Ctrl+B in the window
     data_dir: str | None = None  # None: the platform default (or OWL_DATA_DIR); see apply_data_dir
 
     # ------------------------------------------------------------------ conversions

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
+    QDialog,
     QFileDialog,
     QFrame,
     QHBoxLayout,
@@ -113,6 +114,7 @@ class MainWindow(QMainWindow):
         self._pending_submission: tuple[str, list[ImageSource]] | None = None  # asked while the model loads
         self._pending_images: list[PendingImage] = []
         self._question_shown = False  # the question being sent is in the chat (before it is stored)
+        self._drafts: dict[str | None, tuple[str, list[PendingImage]]] = {}  # unsent messages of other chats
         self._last_submission: tuple[str, list[PendingImage]] | None = None
         self._models_window: ModelsWindow | None = None
         self._start_model: str | None = None  # what start_background_work loads
@@ -144,6 +146,7 @@ class MainWindow(QMainWindow):
         self._shortcuts()
         self.composer.set_send_on_enter(services.settings.send_on_enter)
         self.composer.budget_source = self._message_budget
+        self.set_sidebar_visible(not services.settings.sidebar_hidden)
         theme_bus().changed.connect(self._retint)
         self._retint()
 
@@ -233,19 +236,42 @@ class MainWindow(QMainWindow):
         self.models.installed_changed.connect(self._on_installed_changed)
 
     def _shortcuts(self) -> None:
-        for keys, slot in (
-            ("Ctrl+N", self.new_conversation),
-            ("Ctrl+F", lambda: self.sidebar.search.setFocus()),
-            ("Ctrl+L", lambda: self.composer.edit.setFocus()),
-            ("Ctrl+O", self.composer.choose_files),
-            ("Ctrl+M", self.show_models),
-            ("Ctrl+,", self.show_settings),
-            ("Ctrl+E", lambda: self.export_conversation(self.current_id)),
-            ("Ctrl+Shift+R", self.regenerate),
-            ("Ctrl+Shift+V", self.paste_image),
+        self.window_keys: list[tuple[str, str]] = []  # what the shortcuts sheet lists
+        for keys, what, slot in (
+            ("Ctrl+N", "New conversation (takes the unsent message with it)", self.new_conversation),
+            ("Ctrl+F", "Search the conversations", lambda: self.sidebar.search.setFocus()),
+            ("Ctrl+L", "Go to the question", lambda: self.composer.edit.setFocus()),
+            ("Ctrl+O", "Attach images", self.composer.choose_files),
+            ("Ctrl+Shift+V", "Paste an image", self.paste_image),
+            ("Ctrl+Shift+R", "Regenerate the last answer", self.regenerate),
+            ("Ctrl+E", "Export this conversation", lambda: self.export_conversation(self.current_id)),
+            ("Ctrl+B", "Show or hide the conversations", self.toggle_sidebar),
+            ("Ctrl+M", "Models", self.show_models),
+            ("Ctrl+,", "Settings", self.show_settings),
+            ("F1", "This list of keys (also Ctrl+/)", self.show_shortcuts),
+            ("Ctrl+Q", "Quit", self.close),
         ):
-            QShortcut(QKeySequence(keys), self, activated=slot)
+            QShortcut(QKeySequence(keys), self, activated=slot, context=Qt.ShortcutContext.WindowShortcut)
+            self.window_keys.append((keys, what))
+        QShortcut(QKeySequence("Ctrl+/"), self, activated=self.show_shortcuts)
         QShortcut(QKeySequence(Qt.Key.Key_Escape), self, activated=self._escape)
+
+    def show_shortcuts(self) -> QDialog:
+        from owl_desktop.gui.shortcuts_sheet import ShortcutsSheet
+
+        sheet = ShortcutsSheet(self.window_keys, self)
+        sheet.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        sheet.open()
+        return sheet
+
+    def toggle_sidebar(self) -> None:
+        """Ctrl+B: the conversations list shown or hidden, remembered across restarts."""
+        self.set_sidebar_visible(not self.sidebar.isVisible())
+        self.services.settings.sidebar_hidden = not self.sidebar.isVisible()
+        self._save_settings()
+
+    def set_sidebar_visible(self, visible: bool) -> None:
+        self.sidebar.setVisible(visible)
 
     def _retint(self, _colors: object = None) -> None:
         self.export_button.setIcon(icon("export", colors().muted))
@@ -412,6 +438,7 @@ class MainWindow(QMainWindow):
             return
         if conv_id != self.current_id:
             self.chat.clear()
+            self._swap_draft(conv_id)
         self.current_id = conv_id
         self.title.setText(conv.title)
         self.chat.show_messages(messages)
@@ -421,8 +448,21 @@ class MainWindow(QMainWindow):
         if self.pages.currentWidget() is not self.welcome:
             self.pages.setCurrentWidget(self.chat_page)
 
+    def _swap_draft(self, conv_id: str | None) -> None:
+        """Drafts belong to their chat: keep the open chat's unsent message, bring back the other's."""
+        text, images = self.composer.text(), self.composer.images()
+        if text.strip() or images:
+            self._drafts[self.current_id] = (text, images)
+        else:
+            self._drafts.pop(self.current_id, None)
+        self.composer.edit.clear()
+        self.composer.strip.clear()
+        text, images = self._drafts.pop(conv_id, ("", []))
+        self._restore_composer(text, images)
+
     def _show_chat_figures(self, messages: list[Message]) -> None:
         """The status line and the composer's budget follow the chat shown: its last answer's figures, or none."""
+        self.export_button.setEnabled(bool(messages))
         last = next((m for m in reversed(messages) if m.role == "assistant" and m.meta.get("context_size")), None)
         self.status.set_record(last.meta if last is not None else None)
         self._chat_used = int(last.meta.get("context_used") or 0) if last is not None else 0
@@ -476,7 +516,14 @@ class MainWindow(QMainWindow):
         from owl_desktop.store import exchange
 
         if conv_id is None:
-            self.show_error("Open a conversation to export it.")
+            self.show_error("Nothing to export yet: ask something first, then export the conversation.")
+            return None
+        try:
+            if not self.services.store.messages(conv_id):
+                self.show_error("Nothing to export yet: this conversation is empty.")
+                return None
+        except Exception as exc:  # noqa: BLE001
+            self.show_error(user_message(exc))
             return None
         if target is None:
             name, kind = QFileDialog.getSaveFileName(
@@ -615,6 +662,7 @@ class MainWindow(QMainWindow):
             messages = []
         self.chat.show_messages(messages)
         self.chat.begin_answer(assistant_msg)
+        self.export_button.setEnabled(True)
         self.status.set_activity("answering…", None, True)
         self._refresh_title(conv_id)
 

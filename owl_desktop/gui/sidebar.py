@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from PySide6.QtCore import QPoint, QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QObject, QPoint, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeyEvent
 from PySide6.QtWidgets import (
     QFrame,
@@ -28,14 +28,19 @@ ID_ROLE = Qt.ItemDataRole.UserRole
 
 
 class ConversationList(QListWidget):
+    """Arrows and Tab only move the highlight; a click, Enter or Space opens the chat."""
+
     rename_key = Signal()
     delete_key = Signal()
+    open_key = Signal()
 
     def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 - Qt override
         if event.key() == Qt.Key.Key_F2:
             self.rename_key.emit()
         elif event.key() == Qt.Key.Key_Delete:
             self.delete_key.emit()
+        elif event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter, Qt.Key.Key_Space):
+            self.open_key.emit()
         else:
             super().keyPressEvent(event)
 
@@ -84,12 +89,14 @@ class Sidebar(QFrame):
         self._debounce.setInterval(200)
         self._debounce.timeout.connect(lambda: self.search_changed.emit(self.search.text().strip()))
         self.search.textChanged.connect(lambda _t: self._debounce.start())
+        self.search.installEventFilter(self)
         v.addWidget(self.search)
         self.list = ConversationList()
         self.list.setAccessibleName("Conversations")
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.list.customContextMenuRequested.connect(self._menu)
-        self.list.currentItemChanged.connect(self._on_current)
+        self.list.itemClicked.connect(lambda item: self._open(item))
+        self.list.open_key.connect(lambda: self._open(self.list.currentItem()))
         self.list.rename_key.connect(lambda: self._rename(self.current_id()))
         self.list.delete_key.connect(lambda: self._delete(self.current_id()))
         self.list.setUniformItemSizes(True)
@@ -115,6 +122,16 @@ class Sidebar(QFrame):
         self._suppress = False
         theme_bus().changed.connect(self._retint)
         self._retint()
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt override
+        """Esc in a search with text clears it (ahead of the window's Esc, which stops an answer)."""
+        if watched is self.search and event.type() in (QEvent.Type.ShortcutOverride, QEvent.Type.KeyPress):
+            if isinstance(event, QKeyEvent) and event.key() == Qt.Key.Key_Escape and self.search.text():
+                event.accept()
+                if event.type() == QEvent.Type.KeyPress:
+                    self.search.clear()
+                return event.type() == QEvent.Type.KeyPress
+        return super().eventFilter(watched, event)
 
     def _retint(self, _colors: object = None) -> None:
         c = colors()
@@ -158,7 +175,7 @@ class Sidebar(QFrame):
     def titles(self) -> list[str]:
         return [self.list.item(i).text() for i in range(self.list.count())]
 
-    def _on_current(self, item: QListWidgetItem | None, _prev: QListWidgetItem | None) -> None:
+    def _open(self, item: QListWidgetItem | None) -> None:
         if item is not None and not self._suppress:
             self.selected.emit(item.data(ID_ROLE))
 
