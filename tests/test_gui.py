@@ -363,9 +363,11 @@ def test_sidebar_search_rename_delete(qtbot, make_window) -> None:  # noqa: ANN0
     qtbot.waitUntil(lambda: len(window.sidebar.titles()) == 2)
     window.rename_conversation(window.current_id, "Dogs")
     assert window.title.text() == "Dogs" and "Dogs" in window.sidebar.titles()
-    window.delete_conversation(window.current_id, confirm=False)
+    window.delete_conversation(window.current_id)
     assert window.sidebar.titles() == ["first about cats"]
     assert window.chat.bubbles() == []
+    window.finish_deletes()  # what the Undo notice's timer does
+    assert [c.title for c in window.services.store.list()] == ["first about cats"]
 
 
 def test_close_during_an_answer_loses_nothing(qtbot, make_window, pictures) -> None:  # noqa: ANN001

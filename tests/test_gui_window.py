@@ -310,3 +310,58 @@ def test_window_keys(qtbot, make_window) -> None:  # noqa: ANN001
     # Ctrl+Q closes the window
     qtbot.keyClick(window.composer.edit, Qt.Key.Key_Q, Qt.KeyboardModifier.ControlModifier)
     qtbot.waitUntil(lambda: not window.isVisible())
+
+
+def test_delete_can_be_undone_then_is_final(qtbot, make_window) -> None:  # noqa: ANN001
+    window = make_window(with_model=False)
+    store = window.services.store
+    keep, gone = store.create("keep me"), store.create("delete me")
+    store.add_message(gone.id, "user", "a question")
+    window.refresh_conversations()
+    window.pages.setCurrentWidget(window.chat_page)
+    window.open_conversation(gone.id)
+    window.sidebar.list.setFocus()
+    qtbot.keyClick(window.sidebar.list, Qt.Key.Key_Delete)
+    assert window.sidebar.titles() == ["keep me"] and window.current_id is None
+    assert window.banner.isVisible() and window.banner.text.text() == "Deleted “delete me”."
+    assert window.banner.action_button.text() == "Undo"
+    assert {c.id for c in store.list()} == {keep.id, gone.id}  # nothing is deleted while Undo is offered
+    qtbot.mouseClick(window.banner.action_button, Qt.MouseButton.LeftButton)
+    assert sorted(window.sidebar.titles()) == ["delete me", "keep me"] and window.current_id == gone.id
+    assert [b.text for b in window.chat.bubbles()] == ["a question"]
+
+    window.delete_conversation(gone.id)
+    with qtbot.waitSignal(window._delete_timer.timeout, timeout=10_000):  # the notice's few seconds run out
+        pass
+    assert [c.id for c in store.list()] == [keep.id] and window.sidebar.titles() == ["keep me"]
+    qtbot.waitUntil(lambda: not window.banner.isVisible(), timeout=10_000)
+
+
+def test_export_names_the_file_and_is_off_for_an_empty_chat(qtbot, make_window, tmp_path) -> None:  # noqa: ANN001
+    from owl_desktop.gui.main_window import export_stem
+
+    window = make_window()
+    window.new_conversation()
+    assert not window.export_button.isEnabled()
+    window.composer.edit.setPlainText("What is: this/that?")
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        window.composer.submit()
+    assert window.export_button.isEnabled()
+    title = window.title.text()
+    assert export_stem(title) == "What is thisthat" and export_stem("///") == "conversation"
+    folder = window.export_conversation(window.current_id, tmp_path / "as-folder")
+    assert folder is not None and (folder / "conversation.json").is_file()
+    assert window.banner.kind() == "info" and window.banner.text.text() == f"Exported “{title}” to {folder}"
+    qtbot.waitUntil(lambda: not window.banner.isVisible(), timeout=10_000)
+
+
+def test_an_error_closes_when_its_problem_is_gone(qtbot, make_window, tmp_path) -> None:  # noqa: ANN001
+    window = make_window()
+    window.new_conversation()
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"not an image at all, only text")
+    window.composer.add_files([bad])
+    qtbot.waitUntil(window.banner.isVisible)
+    assert "notes.png" in window.banner.text.text()
+    window.composer.add_files(_shots(tmp_path, 1))  # the composer changed: the message about it goes
+    assert not window.banner.isVisible()

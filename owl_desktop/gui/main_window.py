@@ -6,6 +6,7 @@ owl_desktop.app, not here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QMainWindow,
-    QMessageBox,
+    QPushButton,
     QSplitter,
     QStackedWidget,
     QToolButton,
@@ -63,7 +64,13 @@ class State(Enum):
 
 
 class Banner(QFrame):
-    """A message in the window (never a dialog, never a traceback), dismissed with its button or Esc."""
+    """A message in the window (never a dialog, never a traceback), dismissed with its button or Esc.
+
+    An error stays until dismissed or until what it is about is over (`clears_on`: "model" when a model is loaded,
+    "answer" when an answer ends, "composer" when the message changes). A notice (export done, chat deleted) has
+    an optional action (Undo) and goes away by itself."""
+
+    NOTICE_MS = 6000
 
     def __init__(self) -> None:
         super().__init__()
@@ -80,19 +87,70 @@ class Banner(QFrame):
         self.close_button.setProperty("flat", True)
         self.close_button.setAccessibleName("Dismiss message")
         self.close_button.clicked.connect(self.hide)
+        self.action_button = QPushButton()
+        self.action_button.setVisible(False)
+        self.action_button.clicked.connect(self._act)
+        self._action: Callable[[], None] | None = None
+        self.clears_on: str | None = None
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self.hide)
         h.addWidget(self.icon)
         h.addWidget(self.text, 1)
+        h.addWidget(self.action_button)
         h.addWidget(self.close_button)
         self.setVisible(False)
         self.setAccessibleName("Message")
 
-    def show_message(self, text: str) -> None:
+    def show_message(self, text: str, clears_on: str | None = None) -> None:
+        self._show(text, "error")
+        self.clears_on = clears_on
+
+    def show_notice(
+        self, text: str, action: str = "", on_action: Callable[[], None] | None = None, ms: int = NOTICE_MS
+    ) -> None:
+        self._show(text, "info")
+        self._action = on_action
+        self.action_button.setText(action)
+        self.action_button.setVisible(bool(action))
+        self._timer.start(ms)
+
+    def clear_if(self, reason: str) -> None:
+        """The problem an error was about is gone: close it."""
+        if self.isVisible() and self.clears_on == reason:
+            self.hide()
+
+    def kind(self) -> str:
+        return str(self.property("kind") or "")
+
+    def _show(self, text: str, kind: str) -> None:
+        self._timer.stop()
+        self._action = None
+        self.clears_on = None
+        self.action_button.setVisible(False)
+        self.setProperty("kind", kind)
+        self.style().unpolish(self)
+        self.style().polish(self)
         c = colors()
-        self.icon.setPixmap(icon("warning", c.danger).pixmap(18, 18))
+        self.icon.setPixmap(
+            icon("warning" if kind == "error" else "export", c.danger if kind == "error" else c.accent).pixmap(18, 18)
+        )
         self.close_button.setIcon(icon("close", c.muted))
         self.text.setText(text)
         self.setAccessibleDescription(text)
         self.setVisible(True)
+
+    def _act(self) -> None:
+        action, self._action = self._action, None
+        self.hide()
+        if action is not None:
+            action()
+
+
+def export_stem(title: str) -> str:
+    """A file name from a chat's title: letters, digits, spaces, dashes; at most 60 characters."""
+    stem = "".join(ch for ch in title if ch.isalnum() or ch in " -_").strip()
+    return " ".join(stem.split())[:60].strip() or "conversation"
 
 
 class MainWindow(QMainWindow):
@@ -115,6 +173,10 @@ class MainWindow(QMainWindow):
         self._pending_images: list[PendingImage] = []
         self._question_shown = False  # the question being sent is in the chat (before it is stored)
         self._drafts: dict[str | None, tuple[str, list[PendingImage]]] = {}  # unsent messages of other chats
+        self._deleting: str | None = None  # a chat deleted with its Undo still offered
+        self._delete_timer = QTimer(self)
+        self._delete_timer.setSingleShot(True)
+        self._delete_timer.timeout.connect(self.finish_deletes)
         self._last_submission: tuple[str, list[PendingImage]] | None = None
         self._models_window: ModelsWindow | None = None
         self._start_model: str | None = None  # what start_background_work loads
@@ -215,7 +277,8 @@ class MainWindow(QMainWindow):
         c.send_requested.connect(self.send)
         c.edit_submitted.connect(self.edit_and_resend)
         c.stop_requested.connect(self.stop)
-        c.refused.connect(self.show_error)
+        c.refused.connect(lambda text: self.show_error(text, clears_on="composer"))
+        c.strip.changed.connect(lambda: self.banner.clear_if("composer"))
         c.open_requested.connect(self._open_pending_images)
         c.strip.changed.connect(self.schedule_prepare)
         self.chat.regenerate_requested.connect(self.regenerate)
@@ -275,8 +338,6 @@ class MainWindow(QMainWindow):
 
     def _retint(self, _colors: object = None) -> None:
         self.export_button.setIcon(icon("export", colors().muted))
-        if self.banner.isVisible():
-            self.banner.show_message(self.banner.text.text())
 
     # ------------------------------------------------------------ start
 
@@ -355,6 +416,7 @@ class MainWindow(QMainWindow):
         self.status.set_model(model_id, device)
         self.status.set_activity("")
         self.set_state(State.READY)
+        self.banner.clear_if("model")
         self.composer.update_budget()
         self.services.settings.last_model_id = model_id
         self._save_settings()
@@ -395,7 +457,8 @@ class MainWindow(QMainWindow):
         except Exception as exc:  # noqa: BLE001
             self.show_error(user_message(exc))
             return
-        self.sidebar.set_conversations(conversations, self.current_id)
+        hidden = self._deleting
+        self.sidebar.set_conversations([c for c in conversations if c.id != hidden], self.current_id)
 
     def new_conversation(self) -> None:
         """An empty chat; it is stored when its first question is sent."""
@@ -428,7 +491,7 @@ class MainWindow(QMainWindow):
     def open_conversation(self, conv_id: str) -> None:
         if self.state is State.ANSWERING and conv_id != self.current_id:
             self.sidebar.select(self.current_id)
-            self.show_error("Stop the answer being written before switching conversations.")
+            self.show_error("Stop the answer being written before switching conversations.", clears_on="answer")
             return
         try:
             conv = self.services.store.get(conv_id)
@@ -494,22 +557,43 @@ class MainWindow(QMainWindow):
             self.title.setText(title)
         self.refresh_conversations()
 
-    def delete_conversation(self, conv_id: str, confirm: bool = True) -> None:
+    def delete_conversation(self, conv_id: str) -> None:
+        """The chat leaves the list at once; it is deleted for real (ChatService.delete_conversation) when the
+        notice's Undo has not been pressed for a few seconds, or when the window closes."""
         if self.state is State.ANSWERING and conv_id == self.current_id:
-            self.show_error("Stop the answer being written before deleting this conversation.")
+            self.show_error("Stop the answer being written before deleting this conversation.", clears_on="answer")
             return
-        if confirm:
+        try:
             title = self.services.store.get(conv_id).title
-            answer = QMessageBox.question(self, "Delete conversation", f"Delete “{title}”? This cannot be undone.")
-            if answer != QMessageBox.StandardButton.Yes:
-                return
+        except Exception as exc:  # noqa: BLE001
+            self.show_error(user_message(exc))
+            return
+        self.finish_deletes()  # one undo at a time: an earlier deletion becomes final now
+        self._deleting = conv_id
+        self._delete_timer.start(Banner.NOTICE_MS)
+        self._drafts.pop(conv_id, None)
+        if conv_id == self.current_id:
+            self.new_conversation()
+        self.refresh_conversations()
+        self.banner.show_notice(f"Deleted “{title}”.", "Undo", self.undo_delete)
+
+    def undo_delete(self) -> None:
+        conv_id, self._deleting = self._deleting, None
+        self._delete_timer.stop()
+        if conv_id is not None:
+            self.refresh_conversations()
+            self.open_conversation(conv_id)
+
+    def finish_deletes(self) -> None:
+        """Delete for real what is waiting for its Undo to run out."""
+        conv_id, self._deleting = self._deleting, None
+        self._delete_timer.stop()
+        if conv_id is None:
+            return
         try:
             self.services.chat.delete_conversation(conv_id)
         except Exception as exc:  # noqa: BLE001
             self.show_error(user_message(exc))
-            return
-        if conv_id == self.current_id:
-            self.new_conversation()
         self.refresh_conversations()
 
     def export_conversation(self, conv_id: str | None, target: Path | None = None) -> Path | None:
@@ -525,25 +609,43 @@ class MainWindow(QMainWindow):
         except Exception as exc:  # noqa: BLE001
             self.show_error(user_message(exc))
             return None
+        title = self.services.store.get(conv_id).title
         if target is None:
-            name, kind = QFileDialog.getSaveFileName(
-                self,
-                "Export conversation",
-                str(Path.home() / "conversation.owlchat.zip"),
-                "Conversation archive (*.owlchat.zip);;Markdown with images (*.md)",
-            )
-            if not name:
+            target = self._ask_export_target(title)
+            if target is None:
                 return None
-            target = Path(name)
         try:
             if target.suffix.lower() == ".md":
-                return exchange.export_markdown(self.services.store, self.services.images, conv_id, target)
-            if target.suffix.lower() == ".zip":
-                return exchange.export_zip(self.services.store, self.services.images, conv_id, target)
-            return exchange.export_folder(self.services.store, self.services.images, conv_id, target)
+                done = exchange.export_markdown(self.services.store, self.services.images, conv_id, target)
+            elif target.suffix.lower() == ".zip":
+                done = exchange.export_zip(self.services.store, self.services.images, conv_id, target)
+            else:
+                done = exchange.export_folder(self.services.store, self.services.images, conv_id, target)
         except Exception as exc:  # noqa: BLE001
             self.show_error(f"The conversation could not be exported: {user_message(exc)}")
             return None
+        self.banner.show_notice(f"Exported “{title}” to {done}")
+        return done
+
+    def _ask_export_target(self, title: str) -> Path | None:
+        """The save dialog, with the chat's title as the name and the three formats the README describes."""
+        archive = "Conversation archive (*.owlchat.zip)"
+        folder = "Folder: conversation.json with the images (*)"
+        md = "Markdown with images (*.md)"
+        stem = export_stem(title)
+        name, kind = QFileDialog.getSaveFileName(
+            self, "Export conversation", str(Path.home() / f"{stem}.owlchat.zip"), f"{archive};;{folder};;{md}"
+        )
+        if not name:
+            return None
+        target = Path(name)
+        if kind == folder:
+            return target.with_name(target.name.removesuffix(".owlchat.zip").removesuffix(".zip"))
+        if kind == md and target.suffix.lower() != ".md":
+            return target.with_name(target.name.removesuffix(".owlchat.zip") + ".md")
+        if kind == archive and not target.name.lower().endswith(".zip"):
+            return target.with_name(target.name + ".owlchat.zip")
+        return target
 
     def import_conversation(self, source: Path | None = None) -> Conversation | None:
         from owl_desktop.store import exchange
@@ -577,7 +679,9 @@ class MainWindow(QMainWindow):
             return
         if self.state is State.NO_MODEL:
             self._restore_composer(text, images)
-            self.show_error("No model is loaded yet. Download one or try the demo model from the Models window.")
+            self.show_error(
+                "No model is loaded yet. Download one or try the demo model from the Models window.", clears_on="model"
+            )
             return
         self.banner.hide()
         self._pending_images = images
@@ -682,6 +786,7 @@ class MainWindow(QMainWindow):
                 self._chat_used = record.context_used
         self.status.set_activity("")
         self.set_state(State.READY)
+        self.banner.clear_if("answer")
         self.refresh_conversations()
         self.answer_finished.emit()
         self.schedule_prepare()
@@ -770,8 +875,8 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------ messages
 
-    def show_error(self, text: str) -> None:
-        self.banner.show_message(text)
+    def show_error(self, text: str, clears_on: str | None = None) -> None:
+        self.banner.show_message(text, clears_on)
         if self.pages.currentWidget() is self.welcome:
             self.status.set_activity(f"⚠ {text}")
 
@@ -821,6 +926,7 @@ class MainWindow(QMainWindow):
         """Stop the answer (what was written is saved), pause downloads (resumable), free the model."""
         if not self._closing:
             self._closing = True
+            self.finish_deletes()
             self.status.set_activity("closing…", None, True)
             self.api_server.shutdown()  # API requests in flight end within a token
             self.runner.shutdown(timeout_ms=30_000)

@@ -212,6 +212,7 @@ QPushButton[danger="true"] {{ color: {c.danger}; }}
 #AttachmentStrip, #AttachmentRow {{ background: transparent; border: none; }}
 #Thumb:focus {{ border: 2px solid {c.accent}; }}
 #Banner {{ background: {c.danger_soft}; border: 1px solid {c.danger}; border-radius: 10px; }}
+#Banner[kind="info"] {{ background: {c.accent_soft}; border: 1px solid {c.accent}; }}
 #BannerText {{ color: {c.text}; }}
 
 #StatusLine {{ background: {c.window}; border-top: 1px solid {c.border}; }}
