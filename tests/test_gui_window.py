@@ -250,6 +250,13 @@ def test_screenshots_for_issue_14(qtbot, make_window, tmp_path) -> None:  # noqa
         window.resize(720, 480)
         qtbot.waitUntil(lambda: window.width() == 720)  # noqa: B023
         save_shot(window, f"minimum-size-{theme}")
+        settings = window.show_settings()
+        qtbot.waitExposed(settings)
+        for i in range(settings.tabs.count()):
+            settings.tabs.setCurrentIndex(i)
+            name = settings.tabs.tabText(i).lower().replace(" ", "-")
+            save_shot(settings, f"settings-{name}-{theme}")
+        settings.reject()
         window.close()
     print(f"screenshots in {screenshot_dir()}")
 

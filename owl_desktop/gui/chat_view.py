@@ -138,6 +138,7 @@ class MessageBubble(QFrame):
         self.meta = QLabel()
         self.meta.setObjectName("BubbleMeta")
         self.meta.setTextFormat(Qt.TextFormat.PlainText)
+        self.meta.setWordWrap(True)  # a narrow window wraps the figures instead of cutting them
         footer.addWidget(self.meta, 1)
         self.copy_button = _flat_button("copy", "Copy message", self.copy_clicked.emit)
         self.edit_button = _flat_button("edit", "Edit and ask again", self.edit_clicked.emit)

@@ -56,5 +56,16 @@ def icon(name: str, color: str = "#000000") -> QIcon:
     return result
 
 
+def icon_file(name: str, color: str, size: int = 12) -> str:
+    """A tinted icon as a PNG file (at 2x) for style sheets, which take images by path: in the cache dir."""
+    from owl_desktop import paths
+
+    folder = paths.ensure(paths.cache_dir() / "style-icons")
+    target = folder / f"{name}-{color.lstrip('#')}-{size}.png"
+    if not target.is_file():
+        render(name, size * 2, color).toImage().save(str(target))
+    return target.as_posix()
+
+
 def app_icon() -> QIcon:
     return icon("owl", "#000000")

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QResizeEvent
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QProgressBar
 
 from owl_desktop.gui.format import answer_speed, figure
@@ -68,14 +69,26 @@ class StatusLine(QFrame):
         """The local API server: its address and what it is doing ("" when it is off)."""
         self.api.setText(f"· {text}" if text else "")
 
+    NARROW = 900  # below this width the speed (also under each answer) and the context bar make room
+
+    def resizeEvent(self, event: QResizeEvent) -> None:  # noqa: N802 - Qt override
+        super().resizeEvent(event)
+        self._fit()
+
+    def _fit(self) -> None:
+        narrow = self.width() < self.NARROW
+        self.speed.setVisible(not narrow and bool(self.speed.text()))
+        self.context.setVisible(not narrow and bool(self.context_label.text()))
+
     def clear_record(self) -> None:
         """No figures: a new chat, or an answer being written (its figures come when it ends)."""
         self.speed.setText("")
-        self.context.setVisible(False)
         self.context_label.setText("")
+        self._fit()
 
     def clear_speed(self) -> None:
         self.speed.setText("")
+        self._fit()
 
     def set_record(self, record: AnswerRecord | Mapping[str, Any] | None) -> None:
         """The figures of the chat's last answer: its AnswerRecord, or the meta its stored message keeps."""
@@ -85,12 +98,11 @@ class StatusLine(QFrame):
         self.speed.setText(answer_speed(record))
         used = int(figure(record, "context_used") or 0)
         size = int(figure(record, "context_size") or 0)
-        self.context.setVisible(bool(size))
         self.context_label.setText("")
         if size:
-            self.context.setVisible(True)
             self.context.setRange(0, size)
             self.context.setValue(min(used, size))
             pct = round(100 * used / size)
             self.context_label.setText(f"context {pct}% ({used} / {size})")
             self.context.setToolTip(f"{used} of {size} context positions used")
+        self._fit()
