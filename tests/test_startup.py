@@ -51,3 +51,25 @@ assert QTest.qWaitForWindowExposed(window)
 app.processEvents()
 """
     assert loaded_by(code, HEAVY, then="window.close()") == []
+
+
+def test_missing_qt_system_libraries_are_named_with_the_command_that_installs_them() -> None:
+    from owl_desktop import qt_system_libs
+
+    found = qt_system_libs.missing()  # this machine runs the window tests: nothing is missing
+    assert found == [], qt_system_libs.message(found)
+    absent = qt_system_libs.missing({"libowl-surely-absent.so.7": "libowl-absent7", "libc.so.6": "libc6"})
+    assert absent == [("libowl-surely-absent.so.7", "libowl-absent7")]
+    text = qt_system_libs.message([*absent, ("libxcb-cursor.so.0", "libxcb-cursor0")])
+    assert "libowl-surely-absent.so.7, libxcb-cursor.so.0" in text
+    assert "sudo apt install libowl-absent7 libxcb-cursor0" in text
+    assert set(qt_system_libs.needed("offscreen")) < set(qt_system_libs.needed("xcb"))
+
+
+def test_the_readme_lists_every_system_package_the_check_asks_for() -> None:
+    from pathlib import Path
+
+    from owl_desktop import qt_system_libs
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert [p for p in qt_system_libs.needed("xcb").values() if f" {p}" not in readme] == []
