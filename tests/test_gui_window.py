@@ -372,3 +372,17 @@ def test_an_error_closes_when_its_problem_is_gone(qtbot, make_window, tmp_path) 
     assert "notes.png" in window.banner.text.text()
     window.composer.add_files(_shots(tmp_path, 1))  # the composer changed: the message about it goes
     assert not window.banner.isVisible()
+
+
+def test_offline_download_buttons_say_why(qtbot, make_window, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    window = make_window(with_model=False)
+    card = window.welcome.download_card
+    qtbot.waitUntil(lambda: window.models.runner.running() == [])  # the fit check has ended
+    assert not card.button.isEnabled() and card.line.isVisible()
+    assert "HF_HUB_OFFLINE is set" in card.line.text() and "command line" not in card.line.text()
+    models = window.show_models()
+    qtbot.waitExposed(models)
+    cards = [c for c in models.findChildren(type(card)) if c.button.text() == "Download"]
+    assert cards and all(not c.button.isEnabled() and "HF_HUB_OFFLINE" in c.button.toolTip() for c in cards)
+    models.close()

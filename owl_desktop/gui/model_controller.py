@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,15 @@ class ModelController(QObject):
         self._meters: dict[str, RateMeter] = {}
 
     # ------------------------------------------------------------ queries (quick, on the GUI thread)
+
+    def offline_reason(self) -> str | None:
+        """Why downloads are unavailable right now (HF_HUB_OFFLINE set), for the Download buttons; None when online."""
+        from owl_desktop.hub.settings import OFFLINE_FLAGS, offline_now
+
+        if not offline_now():
+            return None
+        flag = next(f for f in OFFLINE_FLAGS if os.environ.get(f))
+        return f"Downloads are off: {flag} is set, so Owl does not go online. Import a model you already have instead."
 
     def catalog(self) -> list[Any]:
         try:

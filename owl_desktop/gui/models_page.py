@@ -193,6 +193,8 @@ class ModelsWindow(QDialog):
         extra = [("Installed", "ok")] if installed else []
         card.set_badges([(f"{fmt.size(size)}", "info"), *extra])
         self._wire(card, key, entry, partial)
+        if (offline := self.models.offline_reason()) and self.models.running(key) is None:
+            card.set_unavailable(offline)
         preflight = self.models.preflight(entry)
         preflight.succeeded.connect(lambda r, c=card, s=size, x=extra: self._on_preflight(c, s, r, x))
         return card

@@ -126,6 +126,14 @@ class JobCard(QFrame):
         self.button.setText(action)
         self.discard.setVisible(True)
 
+    def set_unavailable(self, reason: str) -> None:
+        """The action cannot run here (e.g. offline): the button is off and the card says why, in its own line."""
+        self.button.setEnabled(False)
+        self.button.setToolTip(reason)
+        self.line.setText(reason)
+        self._line_kind(None)
+        self.line.setVisible(True)
+
     def set_failed(self, message: str, action: str = "Try again") -> None:
         self.set_running(False)
         self.line.setText(f"⚠ {message}")
@@ -257,6 +265,8 @@ class WelcomePage(QScrollArea):
             card.set_running(True)
         elif not self._show_partial():
             card.reset()
+        if (offline := self.models.offline_reason()) and self.models.running(self._download_key()) is None:
+            card.set_unavailable(offline)
 
     def check_fit(self) -> None:
         """Whether the default model fits this computer, estimated on the pool; the card's badge shows it."""

@@ -27,8 +27,7 @@ class HubSettings:
     def from_env(cls) -> HubSettings:
         from huggingface_hub import get_token
 
-        flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-        offline = any(os.environ.get(k, "").strip().lower() in _TRUE for k in flags)
+        offline = offline_now()
         endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/")
         return cls(endpoint=endpoint, token=get_token(), offline=offline)
 
@@ -39,6 +38,14 @@ class HubSettings:
     def require_online(self, what: str) -> None:
         if self.offline:
             raise DownloadError(offline_message(what))
+
+
+OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline_now() -> bool:
+    """Whether the environment says no network (checked without importing the hub client)."""
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in OFFLINE_FLAGS)
 
 
 def offline_message(what: str) -> str:
