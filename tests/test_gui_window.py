@@ -386,3 +386,47 @@ def test_offline_download_buttons_say_why(qtbot, make_window, monkeypatch) -> No
     cards = [c for c in models.findChildren(type(card)) if c.button.text() == "Download"]
     assert cards and all(not c.button.isEnabled() and "HF_HUB_OFFLINE" in c.button.toolTip() for c in cards)
     models.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from owl_desktop.devtools.tiny_checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("import") / "owl-tiny", "bin", preset="tiny", seed=1)
+
+
+def test_model_import_shows_a_bar_with_time_left_and_can_be_cancelled(qtbot, make_window, tiny_checkpoint) -> None:  # noqa: ANN001
+    window = make_window(with_model=False)
+    models = window.show_models()
+    qtbot.waitExposed(models)
+    card = models.import_card
+    key = f"import:{tiny_checkpoint}"
+
+    # first import: cancelled from its card (the converter meets the cancel at its next check)
+    models.import_model(tiny_checkpoint)
+    assert card.isVisible() and card.progress.isVisible() and card.cancel.isVisible()
+    assert card.title.text() == f"Importing {tiny_checkpoint.name}"
+    with qtbot.waitSignal(window.models.job_cancelled, timeout=ANSWER_MS):
+        qtbot.mouseClick(card.cancel, Qt.MouseButton.LeftButton)
+    assert not card.isVisible() and "cancelled" in models.notice.text()
+    assert window.models.installed_ids() == []
+
+    # again, to the end: the bar moved, the line said what and how long, the model is installed
+    lines: list[str] = []
+    shots: list[Path] = []
+
+    def seen(k: str, _p: Progress, line: str) -> None:
+        if k != key:
+            return
+        lines.append(line)
+        if " of " in line and not shots:
+            shots.append(save_shot(models, "models-importing-light"))
+
+    window.models.job_progress.connect(seen)
+    with qtbot.waitSignal(window.models.job_done, timeout=ANSWER_MS * 3, check_params_cb=lambda k, _r: k == key):
+        models.import_model(tiny_checkpoint)
+    print("import progress lines:", lines[:3], "…", lines[-3:])
+    assert any(" of " in line for line in lines) and any(line.endswith(" left") for line in lines), lines
+    assert not card.isVisible() and models.notice.text().startswith("Imported as ")
+    assert len(window.models.installed_ids()) == 1 and shots
+    models.close()

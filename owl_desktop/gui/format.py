@@ -88,6 +88,10 @@ def progress_line(
                 parts.append(f"{duration(eta)} left")
     elif total:
         parts.append(f"{done:.0f} of {total:.0f} {unit}".rstrip())
+        if eta is None and meter is not None:
+            eta = meter.eta(total)
+        if eta is not None:
+            parts.append(f"{duration(eta)} left")
     return " · ".join(parts)
 
 

@@ -109,8 +109,8 @@ class ModelController(QObject):
 
     def _on_progress(self, key: str, p: Progress) -> None:
         meter = self._meters.setdefault(key, RateMeter())
-        if p.unit == "B":
-            meter.add(p.done)
+        if p.unit == "B" or p.total:
+            meter.add(p.done)  # bytes, tensors, images…: time left at the recent pace (a new stage starts over)
         # a download reports its own speed and time left (measured where the bytes arrive); else the meter's
         line = progress_line(
             p.stage, p.done, p.total, p.unit, meter, speed=getattr(p, "speed", None), eta=getattr(p, "eta", None)

@@ -107,6 +107,13 @@ class ModelsWindow(QDialog):
         self.notice.setWordWrap(True)
         self.notice.setVisible(False)
         outer.addWidget(self.notice)
+        self.import_card = JobCard("Importing a model", "", "Import", "Import a model")
+        self.import_card.cancel.setText("Cancel")
+        self.import_card.cancel.setAccessibleName("Cancel the import")
+        self.import_card.cancel.clicked.connect(lambda: self.models.cancel(self._import_key or ""))
+        self.import_card.setVisible(False)
+        self._import_key: str | None = None
+        outer.addWidget(self.import_card)
         scroll = QScrollArea()
         scroll.setObjectName("ChatScroll")
         scroll.setWidgetResizable(True)
@@ -275,7 +282,17 @@ class ModelsWindow(QDialog):
             self.import_model(Path(folder))
 
     def import_model(self, path: Path) -> None:
-        self._say(f"Importing {path.name}…")
+        """An import (a bundle copied and checked, or a checkpoint converted) in its own card: a bar, what it is
+        doing with the time left, and Cancel."""
+        self._say("")
+        self._import_key = f"import:{path}"
+        card = self.import_card
+        card.title.setText(f"Importing {path.name}")
+        card.body.setText(str(path))
+        card.reset()
+        card.set_running(True)
+        card.set_progress(None, "starting…")
+        card.setVisible(True)
         self.models.import_path(path)
 
     def _verify(self, model_id: str) -> None:
@@ -305,6 +322,8 @@ class ModelsWindow(QDialog):
         if (card := self._cards.get(key)) is not None:
             card.set_running(True)
             card.set_progress(p.fraction, line)
+        elif key == self._import_key:
+            self.import_card.set_progress(p.fraction, line)
         elif key.startswith(("import:", "verify:")):
             self._say(line)
 
@@ -312,7 +331,9 @@ class ModelsWindow(QDialog):
         if key.startswith("verify:"):
             self._say(f"{key.split(':', 1)[1]} is complete and intact.")
         elif key.startswith("import:"):
-            self._say("Imported.")
+            self._end_import()
+            name = getattr(_result, "name", None)
+            self._say(f"Imported as {name}." if name else "Imported.")
         elif (card := self._cards.get(key)) is not None:
             card.set_running(False)
             card.set_progress(1.0, "Installed.")
@@ -322,9 +343,20 @@ class ModelsWindow(QDialog):
             self._show_partial(card, self.models.partial_download(key))  # what was kept; trying again resumes it
             card.set_failed(message)
         elif not key.startswith("preflight:"):
+            if key == self._import_key:
+                self._end_import()
             self._say(f"⚠ {message}")
 
+    def _end_import(self) -> None:
+        self._import_key = None
+        self.import_card.set_running(False)
+        self.import_card.setVisible(False)
+
     def _on_cancelled(self, key: str) -> None:
+        if key == self._import_key:
+            self._end_import()
+            self._say("The import was cancelled; nothing was installed.")
+            return
         card = self._cards.get(key)
         if card is not None and not self._show_partial(card, self.models.partial_download(key)):
             card.reset()
