@@ -430,3 +430,21 @@ def test_model_import_shows_a_bar_with_time_left_and_can_be_cancelled(qtbot, mak
     assert not card.isVisible() and models.notice.text().startswith("Imported as ")
     assert len(window.models.installed_ids()) == 1 and shots
     models.close()
+
+
+def test_hovering_a_chat_offers_its_delete_button(qtbot, make_window) -> None:  # noqa: ANN001
+    window = make_window(with_model=False)
+    store = window.services.store
+    first, second = store.create("first chat"), store.create("second chat")
+    window.refresh_conversations()
+    lst = window.sidebar.list
+    row = next(i for i in range(lst.count()) if lst.item(i).text() == "first chat")
+    rect = lst.visualItemRect(lst.item(row))
+    qtbot.mouseMove(lst.viewport(), rect.center())
+    button = window.sidebar.hover_delete
+    qtbot.waitUntil(button.isVisible)
+    assert rect.contains(button.geometry().center()) and button.accessibleName() == "Delete first chat"
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+    assert window.sidebar.titles() == ["second chat"] and window.banner.action_button.text() == "Undo"
+    window.finish_deletes()
+    assert [c.id for c in store.list()] == [second.id] and first.id not in {c.id for c in store.list()}

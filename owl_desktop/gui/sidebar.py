@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from PySide6.QtCore import QEvent, QObject, QPoint, QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QModelIndex, QObject, QPoint, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeyEvent
 from PySide6.QtWidgets import (
     QFrame,
@@ -89,7 +89,6 @@ class Sidebar(QFrame):
         self._debounce.setInterval(200)
         self._debounce.timeout.connect(lambda: self.search_changed.emit(self.search.text().strip()))
         self.search.textChanged.connect(lambda _t: self._debounce.start())
-        self.search.installEventFilter(self)
         v.addWidget(self.search)
         self.list = ConversationList()
         self.list.setAccessibleName("Conversations")
@@ -102,6 +101,18 @@ class Sidebar(QFrame):
         self.list.setUniformItemSizes(True)
         self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
+        # the hover affordance: a delete button at the right of the row under the pointer (besides the menu and Del)
+        self.list.setMouseTracking(True)
+        self.hover_delete = QToolButton(self.list.viewport())
+        self.hover_delete.setObjectName("HoverDelete")
+        self.hover_delete.setProperty("flat", True)
+        self.hover_delete.setIconSize(QSize(14, 14))
+        self.hover_delete.setCursor(Qt.CursorShape.PointingHandCursor)
+        self.hover_delete.setVisible(False)
+        self.hover_delete.clicked.connect(lambda: self._delete(self.hover_delete.property("conv_id")))
+        self.list.entered.connect(self._show_hover_delete)
+        self.list.viewport().installEventFilter(self)
+        self.search.installEventFilter(self)  # both filters after both widgets exist
         v.addWidget(self.list, 1)
         self.empty = QLabel("No conversations yet.")
         self.empty.setObjectName("Muted")
@@ -123,8 +134,26 @@ class Sidebar(QFrame):
         theme_bus().changed.connect(self._retint)
         self._retint()
 
+    def _show_hover_delete(self, index: QModelIndex) -> None:
+        item = self.list.item(index.row())
+        if item is None:
+            self.hover_delete.setVisible(False)
+            return
+        rect = self.list.visualItemRect(item)
+        side = 24
+        self.hover_delete.setGeometry(rect.right() - side - 4, rect.center().y() - side // 2, side, side)
+        self.hover_delete.setProperty("conv_id", item.data(ID_ROLE))
+        title = item.text()
+        self.hover_delete.setToolTip(f"Delete “{title}” (Undo follows)")
+        self.hover_delete.setAccessibleName(f"Delete {title}")
+        self.hover_delete.setVisible(True)
+        self.hover_delete.raise_()
+
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt override
-        """Esc in a search with text clears it (ahead of the window's Esc, which stops an answer)."""
+        """Esc in a search with text clears it (ahead of the window's Esc, which stops an answer); the hover delete
+        button leaves with the pointer."""
+        if watched is self.list.viewport() and event.type() == QEvent.Type.Leave:
+            self.hover_delete.setVisible(False)
         if watched is self.search and event.type() in (QEvent.Type.ShortcutOverride, QEvent.Type.KeyPress):
             if isinstance(event, QKeyEvent) and event.key() == Qt.Key.Key_Escape and self.search.text():
                 event.accept()
@@ -140,10 +169,12 @@ class Sidebar(QFrame):
         self._search_action.setIcon(icon("search", c.muted))
         self.models_button.setIcon(icon("models", c.text))
         self.settings_button.setIcon(icon("settings", c.text))
+        self.hover_delete.setIcon(icon("trash", c.muted))
 
     # ------------------------------------------------------------ content
 
     def set_conversations(self, conversations: Sequence[Any], current: Any = None) -> None:
+        self.hover_delete.setVisible(False)
         self._suppress = True
         self.list.clear()
         for conv in conversations:
