@@ -43,6 +43,7 @@ class Budget:
     used: int  # positions the conversation took at its last answer (0 in a new chat)
     size: int  # the model's context
     answer_room: int = MIN_NEW_TOKENS  # the least room an answer needs
+    answer_wanted: int = MIN_NEW_TOKENS  # the room the settings ask for (the longest answer): old turns give way to it
 
     @property
     def cost(self) -> int:
@@ -60,8 +61,9 @@ class Budget:
 
     @property
     def keeps_history(self) -> bool:
-        """Whether the whole conversation stays in the model's view with it."""
-        return self.left >= self.answer_room
+        """Whether the whole conversation stays in the model's view with it: the prompt builder keeps old turns only
+        with room for the answer the settings ask for (or all the room the message alone leaves)."""
+        return self.left >= max(self.answer_room, min(self.answer_wanted, self.size - self.cost))
 
     def images_to_remove(self, costs: Sequence[int]) -> int:
         """How many images (the costliest first) must go for the message to fit alone."""
@@ -81,6 +83,7 @@ def budget(
     rows_per_view: int,
     n_ctx: int,
     used: int,
+    answer_wanted: int = MIN_NEW_TOKENS,
 ) -> tuple[Budget, list[int]]:
     """The budget of a message with images of `sizes`, and each image's least cost (for images_to_remove)."""
     full = [image_positions(s, plan, rows_per_view) for s in sizes]
@@ -92,6 +95,7 @@ def budget(
         text_cost=text_positions(text),
         used=used,
         size=n_ctx,
+        answer_wanted=answer_wanted,
     )
     return b, least
 

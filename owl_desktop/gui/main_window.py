@@ -541,7 +541,13 @@ class MainWindow(QMainWindow):
         try:
             n_ctx = pipe.llm.n_ctx
             b, least = context_budget.budget(
-                text, sizes, pipe.bundle.image_plan, pipe.bundle.config.image_rows, n_ctx, self._chat_used
+                text,
+                sizes,
+                pipe.bundle.image_plan,
+                pipe.bundle.config.image_rows,
+                n_ctx,
+                self._chat_used,
+                self.services.settings.sampling.max_new_tokens,
             )
         except Exception:  # noqa: BLE001 - a model being swapped on the engine thread: no estimate this time
             return None
