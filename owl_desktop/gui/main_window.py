@@ -131,14 +131,16 @@ class Banner(QFrame):
         self.setProperty("kind", kind)
         self.style().unpolish(self)
         self.style().polish(self)
-        c = colors()
-        self.icon.setPixmap(
-            icon("warning" if kind == "error" else "export", c.danger if kind == "error" else c.accent).pixmap(18, 18)
-        )
-        self.close_button.setIcon(icon("close", c.muted))
+        self.retint()
         self.text.setText(text)
         self.setAccessibleDescription(text)
         self.setVisible(True)
+
+    def retint(self) -> None:
+        c = colors()
+        error = self.kind() != "info"
+        self.icon.setPixmap(icon("warning" if error else "export", c.danger if error else c.accent).pixmap(18, 18))
+        self.close_button.setIcon(icon("close", c.muted))
 
     def _act(self) -> None:
         action, self._action = self._action, None
@@ -338,6 +340,7 @@ class MainWindow(QMainWindow):
 
     def _retint(self, _colors: object = None) -> None:
         self.export_button.setIcon(icon("export", colors().muted))
+        self.banner.retint()
 
     # ------------------------------------------------------------ start
 
