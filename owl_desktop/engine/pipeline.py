@@ -210,10 +210,6 @@ class ChatPipeline:
                     t.encode_ms = per_image
         return timings
 
-    def has_encoding(self, sha256: str) -> bool:
-        """Whether the image with these file bytes is in the encode cache (it will not be decoded or encoded)."""
-        return self._cache.get(sha256) is not None
-
     def image_rows(self, image: ImageSource) -> np.ndarray:
         """The rows one image contributes to the LLM at full detail, through the cache: [65, n_embd] float32 for
         mPLUG-Owl, [65 · views, n_embd] for UReader (the global view's rows first, then each crop's)."""

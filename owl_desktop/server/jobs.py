@@ -177,9 +177,9 @@ class Job:
         from owl_desktop.engine.pipeline import HistoryTurn
 
         turns = self.request.turns
-        history = [HistoryTurn(self._sources(pipe, t.images), t.question, t.answer or "") for t in turns[:-1]]
+        history = [HistoryTurn(self._sources(t.images), t.question, t.answer or "") for t in turns[:-1]]
         return pipe.ask(
-            self._sources(pipe, turns[-1].images),
+            self._sources(turns[-1].images),
             turns[-1].question,
             history,
             sampling=self.request.sampling,
@@ -197,12 +197,8 @@ class Job:
             self._post(Piece(piece))
         return "".join(sent)
 
-    def _sources(self, pipe: ChatPipeline, images: tuple[ApiImage, ...]) -> list[ImageSource]:
-        """Each image as the pipeline takes it: new ones decoded here, so a broken one names its place."""
-        from owl_desktop.engine.preprocess import preprocess
-
-        out: list[ImageSource] = []
-        for img in images:
-            self._token.raise_if_cancelled()
-            out.append(img.data if pipe.has_encoding(img.sha256) else preprocess(img.data, img.label))
-        return out
+    def _sources(self, images: tuple[ApiImage, ...]) -> list[ImageSource]:
+        """Each image as the pipeline takes it: its bytes with its place in the request as the name, so a broken one
+        names its place. Not decoded here: the pipeline decodes only what it has not encoded before, and a UReader
+        model must crop the image itself (a 224×224 stretch made here would be refused)."""
+        return [(img.data, img.label) for img in images]
