@@ -117,7 +117,7 @@ def _backend_description(pipe: Any) -> str:
 
     describe = getattr(llm, "backends", None)
     try:
-        return str(describe().summary) if describe is not None else ("GPU" if pipe.llm.gpu_offload else "CPU")
+        return describe().summary() if describe is not None else ("GPU" if pipe.llm.gpu_offload else "CPU")
     except Exception:  # noqa: BLE001 - a label only
         return "CPU"
 
