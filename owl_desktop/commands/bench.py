@@ -188,7 +188,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def register_engine(benchmarks: argparse._SubParsersAction) -> None:
-    from owl_desktop.commands.engine_args import add_engine_flags
 
     p = benchmarks.add_parser(
         "engine",
@@ -199,21 +198,28 @@ def register_engine(benchmarks: argparse._SubParsersAction) -> None:
             "same GGUF and threads, and a short follow-up turn (KV reused) against a from-scratch prefill."
         ),
     )
+    _add_bundle_run_flags(p)
+    p.set_defaults(func=run_engine)
+
+
+def _add_bundle_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the benchmarks that ask one bundle one image question (engine, serve)."""
+    from owl_desktop.commands.engine_args import add_engine_flags
+
     p.add_argument("--model", metavar="BUNDLE", help="bundle folder or id (default: the demo's tiny random bundle)")
-    p.add_argument("--image", type=Path, metavar="PATH", help="image to encode (default: the demo picture)")
+    p.add_argument("--image", type=Path, metavar="PATH", help="image to ask about (default: the demo picture)")
     p.add_argument("--decode-tokens", type=int, default=64, metavar="N")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
     add_engine_flags(p)
-    p.set_defaults(func=run_engine)
 
 
-def run_engine(args: argparse.Namespace) -> int:
+def _run_bundle_bench(args: argparse.Namespace, bench: Any) -> int:
+    """Run `bench.run(model, settings, image, ...)` and print its report (and JSON with --json)."""
     import json
 
     from owl_desktop.commands.engine_args import engine_settings
     from owl_desktop.devtools.demo import demo_image, ensure_demo_bundle
-    from owl_desktop.engine import bench
 
     model = args.model or ensure_demo_bundle()
     result = bench.run(
@@ -224,6 +230,12 @@ def run_engine(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(bench.as_dict(result)))
     return 0
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    from owl_desktop.engine import bench
+
+    return _run_bundle_bench(args, bench)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -273,7 +285,6 @@ def run_memory(args: argparse.Namespace) -> int:
 
 
 def register_serve(benchmarks: argparse._SubParsersAction) -> None:
-    from owl_desktop.commands.engine_args import add_engine_flags
 
     p = benchmarks.add_parser(
         "serve",
@@ -285,31 +296,14 @@ def register_serve(benchmarks: argparse._SubParsersAction) -> None:
             "how soon the engine is free after a client leaves mid-answer."
         ),
     )
-    p.add_argument("--model", metavar="BUNDLE", help="bundle folder or id (default: the demo's tiny random bundle)")
-    p.add_argument("--image", type=Path, metavar="PATH", help="image to ask about (default: the demo picture)")
-    p.add_argument("--decode-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
-    add_engine_flags(p)
+    _add_bundle_run_flags(p)
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import json
-
-    from owl_desktop.commands.engine_args import engine_settings
-    from owl_desktop.devtools.demo import demo_image, ensure_demo_bundle
     from owl_desktop.server import bench
 
-    model = args.model or ensure_demo_bundle()
-    result = bench.run(
-        model, engine_settings(args), args.image or demo_image(), decode_tokens=args.decode_tokens, repeats=args.repeats
-    )
-    print(f"model: {model}")
-    print(result.report())
-    if args.json:
-        print(json.dumps(bench.as_dict(result)))
-    return 0
+    return _run_bundle_bench(args, bench)
 
 
 # -----------------------------------------------------------------------------------------------------------------
