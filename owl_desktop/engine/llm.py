@@ -323,6 +323,7 @@ class LlamaEngine:
     def _decode_tokens(self, ids: Sequence[int], pos: int, logits_last: bool) -> int:
         b = self._tbatch
         for off in range(0, len(ids), self.n_batch):
+            self._check_between()
             chunk = ids[off : off + self.n_batch]
             b.n_tokens = len(chunk)
             for i, t in enumerate(chunk):
@@ -337,6 +338,7 @@ class LlamaEngine:
             raise EngineError(f"image embeddings have shape {tuple(rows.shape)}; the model needs [n, {self.n_embd}]")
         b = self._ebatch
         for off in range(0, len(rows), self.n_batch):
+            self._check_between()
             chunk = rows[off : off + self.n_batch]
             b.n_tokens = len(chunk)
             ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)  # copy: never repoint b.embd
@@ -370,11 +372,22 @@ class LlamaEngine:
         if cancel is not None:
             self._cancel = cancel
         self._cancel.raise_if_cancelled()
-        L.llama_set_abort_callback(self.ctx, self._abort_cb, None)
+        self._set_abort(True)
         try:
             return self._prefill(segments)
         finally:
-            L.llama_set_abort_callback(self.ctx, _NO_ABORT, None)
+            self._set_abort(False)
+
+    def _set_abort(self, on: bool) -> None:
+        """llama.cpp's per-node abort callback, for a prefill on the CPU. A graph aborted half-way on a GPU backend
+        can crash (seen with Vulkan); there a prefill stops between its batches instead (see _check_between)."""
+        if self.gpu is None:
+            L.llama_set_abort_callback(self.ctx, self._abort_cb if on else _NO_ABORT, None)
+
+    def _check_between(self) -> None:
+        if self.gpu is not None and self._cancel.cancelled:
+            self._resync_keys()
+            raise Cancelled()
 
     def prefill_ahead(self, segments: Sequence[Segment], cancel: CancelToken) -> tuple[int, int]:
         """Work ahead: make the KV cache start with `segments` (a prompt's known beginning), keeping what follows.
@@ -389,11 +402,11 @@ class LlamaEngine:
                 return len(keys), held
             self._cancel = cancel
             self._cancel.raise_if_cancelled()
-            L.llama_set_abort_callback(self.ctx, self._abort_cb, None)
+            self._set_abort(True)
             try:
                 return self._prefill(segments, keep_last=True)
             finally:
-                L.llama_set_abort_callback(self.ctx, _NO_ABORT, None)
+                self._set_abort(False)
                 self._cancel = CancelToken()  # a later prefill() without a token must not inherit this one
 
     def _prefill(self, segments: Sequence[Segment], keep_last: bool = False) -> tuple[int, int]:
