@@ -935,8 +935,8 @@ class MainWindow(QMainWindow):
         """Stop the answer (what was written is saved), pause downloads (resumable), free the model."""
         if not self._closing:
             self._closing = True
+            self.hide()  # gone at once, whatever the engine thread needs to end its stage
             self.finish_deletes()
-            self.status.set_activity("closing…", None, True)
             self.api_server.shutdown()  # API requests in flight end within a token
             self.runner.shutdown(timeout_ms=30_000)
             self.engine.shutdown(timeout_ms=60_000)

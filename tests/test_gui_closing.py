@@ -1,0 +1,57 @@
+# ruff: noqa: F811 - the fixtures imported from test_gui are parameters of the tests
+"""Closing the window in the middle of the work, and a question asked while a load fails (issue 10).
+
+The closing tests run a real app process (tests/close_mid_work.py) so that a crash at exit shows: Qt prints
+"QThread: Destroyed while thread is still running" and aborts when the engine thread outlives the app."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("pytestqt")
+
+from test_gui import ANSWER_MS, demo_bundle, make_window, pictures  # noqa: E402, F401
+
+from owl_desktop import paths  # noqa: E402
+from owl_desktop.devtools.demo import DEMO_BUNDLE_ID  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PROCESS_LIMIT_S = 300  # a hang fails the test instead of the whole run; the figures below are printed
+
+
+@pytest.mark.parametrize("stage", ["load", "encode", "answer"])
+def test_closing_mid_stage_ends_the_app_cleanly(stage: str, demo_bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+    (paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID).symlink_to(demo_bundle, target_is_directory=True)
+    image = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(image)
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(HERE / "close_mid_work.py"), stage, str(image)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_LIMIT_S,
+    )
+    wall = time.monotonic() - started
+    print(f"{stage}: process {wall:.1f} s; stdout {done.stdout.strip()}")
+    assert "QThread" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{stage}: close to end of event loop {report['close_s']:.3f} s")
+    assert report["released_by_stop"] is True, "the close never told the engine to stop"
+    assert report["visible_at_stop"] is False, "the window stayed on screen while the engine thread ended its stage"
+    assert report["engine_thread_running"] is False
+    if stage == "load":  # the load stopped before reading the weights: no model, no warm-up, nothing stored
+        assert report["model_loaded"] is False and report["conversations"] == []
+    else:  # the question was stored before the close and stays
+        assert report["model_loaded"] is True and len(report["conversations"]) == 1
