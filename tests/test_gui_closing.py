@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,10 +21,12 @@ from PIL import Image
 
 pytest.importorskip("pytestqt")
 
+from PySide6.QtCore import Qt  # noqa: E402
 from test_gui import ANSWER_MS, demo_bundle, make_window, pictures  # noqa: E402, F401
 
 from owl_desktop import paths  # noqa: E402
 from owl_desktop.devtools.demo import DEMO_BUNDLE_ID  # noqa: E402
+from owl_desktop.gui.main_window import State  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROCESS_LIMIT_S = 300  # a hang fails the test instead of the whole run; the figures below are printed
@@ -55,3 +59,73 @@ def test_closing_mid_stage_ends_the_app_cleanly(stage: str, demo_bundle: Path, t
         assert report["model_loaded"] is False and report["conversations"] == []
     else:  # the question was stored before the close and stays
         assert report["model_loaded"] is True and len(report["conversations"]) == 1
+
+
+def _hold_the_next_load(window) -> threading.Event:  # noqa: ANN001
+    """The engine thread waits at the start of the next load until the returned event is set."""
+    go = threading.Event()
+    held = [False]
+
+    def hold(_ref: str) -> None:
+        if not held[0]:
+            held[0] = True
+            go.wait(ANSWER_MS / 1000)
+
+    window.engine.worker.model_loading.connect(hold, Qt.ConnectionType.DirectConnection)
+    return go
+
+
+def test_a_question_asked_while_a_load_fails_comes_back_and_is_never_sent(
+    qtbot, make_window, demo_bundle, pictures
+) -> None:  # noqa: ANN001, F811, E501
+    window = make_window(with_model=False)
+    broken = paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID
+    shutil.copytree(demo_bundle, broken)
+    for gguf in broken.glob("*.gguf"):
+        gguf.unlink()
+    go = _hold_the_next_load(window)
+    try:
+        window.load_model(DEMO_BUNDLE_ID)
+        assert window.state is State.LOADING
+        window.composer.add_files([pictures[0]])
+        window.composer.edit.setPlainText("Is anyone there?")
+        window.composer.submit()
+        assert window.composer.text() == "" and [b.role for b in window.chat.bubbles()] == ["user"]
+    finally:
+        go.set()
+    qtbot.waitUntil(lambda: window.state is State.NO_MODEL and window.banner.isVisible(), timeout=ANSWER_MS)
+    assert "could not be loaded" in window.banner.text.text()
+    assert window.composer.text() == "Is anyone there?"
+    assert [i.name for i in window.composer.images()] == [pictures[0].name]
+    assert window.chat.bubbles() == []
+    # a working model loads next: the question is not sent by itself
+    shutil.rmtree(broken)
+    broken.symlink_to(demo_bundle, target_is_directory=True)
+    window.load_model(DEMO_BUNDLE_ID)
+    qtbot.waitUntil(lambda: window.state is State.READY, timeout=ANSWER_MS)
+    qtbot.wait(50)  # queued events after the load, if any would send it
+    assert window.services.store.list() == [] and window.chat.bubbles() == []
+    assert window.composer.text() == "Is anyone there?"
+
+
+def test_a_question_waiting_for_the_model_stays_with_its_chat(qtbot, make_window) -> None:  # noqa: ANN001, F811
+    window = make_window()
+    store = window.services.store
+    first, second = store.create(), store.create()
+    window.refresh_conversations()
+    window.open_conversation(first.id)
+    go = _hold_the_next_load(window)
+    try:
+        window.load_model(DEMO_BUNDLE_ID)
+        window.composer.edit.setPlainText("Meant for the first chat")
+        window.composer.submit()
+        window.open_conversation(second.id)  # while the model still loads
+        assert window.composer.text() == ""
+    finally:
+        go.set()
+    qtbot.waitUntil(lambda: window.state is State.READY, timeout=ANSWER_MS)
+    qtbot.wait(50)
+    assert store.messages(first.id) == [] and store.messages(second.id) == []
+    assert window.chat.bubbles() == []
+    window.open_conversation(first.id)
+    assert window.composer.text() == "Meant for the first chat"

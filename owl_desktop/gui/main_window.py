@@ -437,6 +437,8 @@ class MainWindow(QMainWindow):
         self.status.set_model(None)
         self.status.set_activity("")
         self.set_state(State.NO_MODEL)
+        if self._withdraw_pending():  # the question asked while it loaded goes back, never out later
+            self._reshow_current()
         self.show_error(f"The model could not be loaded: {message}")
 
     def _on_model_installed(self, model_id: str) -> None:
@@ -467,6 +469,7 @@ class MainWindow(QMainWindow):
         """An empty chat; it is stored when its first question is sent."""
         if self.state is State.ANSWERING:
             return
+        self._withdraw_pending()  # a question waiting for the model stays in the composer, unsent
         self.current_id = None
         self.title.setText("New conversation")
         self.chat.clear()
@@ -503,6 +506,7 @@ class MainWindow(QMainWindow):
             self.show_error(user_message(exc))
             return
         if conv_id != self.current_id:
+            self._withdraw_pending()  # a question waiting for the model becomes its chat's draft, unsent
             self.chat.clear()
             self._swap_draft(conv_id)
         self.current_id = conv_id
@@ -701,6 +705,29 @@ class MainWindow(QMainWindow):
             self.chat.set_stage("waiting for the model to load…")
             return
         self._ask(text, sources)
+
+    def _withdraw_pending(self) -> bool:
+        """Put a question that waits for the model back into the composer (its chat's draft), so that it is sent
+        only where and when the user sends it again. True when there was one."""
+        if self._pending_submission is None:
+            return False
+        text, _sources = self._pending_submission
+        self._pending_submission = None
+        self._question_shown = False
+        self._restore_composer(text, self._pending_images)
+        self._pending_images = []
+        if self.state is State.LOADING:
+            self.status.set_activity("loading the model…", None, True)
+        return True
+
+    def _reshow_current(self) -> None:
+        """The open chat as stored (e.g. without a question shown and then taken back)."""
+        self.chat.clear()
+        if self.current_id is not None:
+            try:
+                self.chat.show_messages(self.services.store.messages(self.current_id))
+            except Exception:  # noqa: BLE001 - a conversation deleted meanwhile
+                pass
 
     def _show_question(self, text: str, images: list[PendingImage]) -> None:
         if self.pages.currentWidget() is not self.chat_page:
