@@ -37,6 +37,7 @@ from owl_desktop.gui.composer import Composer
 from owl_desktop.gui.icons import icon
 from owl_desktop.gui.image_viewer import ImageViewer
 from owl_desktop.gui.model_controller import ModelController
+from owl_desktop.gui.private_files import PrivateFiles
 from owl_desktop.gui.services import Services
 from owl_desktop.gui.sidebar import Sidebar
 from owl_desktop.gui.status_line import StatusLine
@@ -183,6 +184,7 @@ class MainWindow(QMainWindow):
         self._models_window: ModelsWindow | None = None
         self._start_model: str | None = None  # what start_background_work loads
         self._closing = False
+        self.private_files = PrivateFiles("owl-pasted-")  # pasted images handed to the viewer; removed at close
 
         self.engine = EngineHost(services.chat, self)
         # work ahead for the next question (encode the attachments, prefill the prompt) once the composer settles
@@ -883,17 +885,12 @@ class MainWindow(QMainWindow):
             viewer.open()
 
     def _open_pending_images(self, entries: list[ImageSource], index: int) -> None:
-        import tempfile
-
         shown = []
         for source, name in entries:
             if source is None:  # a paste still being encoded
                 continue
-            if isinstance(source, bytes):
-                tmp = Path(tempfile.gettempdir()) / f"owl-preview-{abs(hash(source))}.png"
-                if not tmp.exists():
-                    tmp.write_bytes(source)
-                shown.append((tmp, name))
+            if isinstance(source, bytes):  # a paste: the viewer reads a file, one only this user can read
+                shown.append((self.private_files.write(source, Path(name).suffix or ".png"), name))
             else:
                 shown.append((Path(source), name))
         self.show_images(shown, index)
@@ -968,6 +965,7 @@ class MainWindow(QMainWindow):
             self.runner.shutdown(timeout_ms=30_000)
             self.engine.shutdown(timeout_ms=60_000)
             self._save_settings()
+            self.private_files.remove_all()
             if self._models_window is not None:
                 self._models_window.close()
         event.accept()

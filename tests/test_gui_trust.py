@@ -1,5 +1,6 @@
 # ruff: noqa: F811 - the fixtures imported from test_gui are parameters of the tests
-"""Closing the window in the middle of the work, and a question asked while a load fails (issue 10).
+"""Issue 10 through the real window: closing it in the middle of the work, a question asked while a load fails or
+while the user moves to another chat, pasted images kept out of world-readable files.
 
 The closing tests run a real app process (tests/close_mid_work.py) so that a crash at exit shows: Qt prints
 "QThread: Destroyed while thread is still running" and aborts when the engine thread outlives the app."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -22,10 +24,13 @@ from PIL import Image
 pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import Qt  # noqa: E402
+from PySide6.QtGui import QGuiApplication, QImage  # noqa: E402
 from test_gui import ANSWER_MS, demo_bundle, make_window, pictures  # noqa: E402, F401
 
 from owl_desktop import paths  # noqa: E402
 from owl_desktop.devtools.demo import DEMO_BUNDLE_ID  # noqa: E402
+from owl_desktop.gui.composer import AttachmentChip  # noqa: E402
+from owl_desktop.gui.image_viewer import ImageViewer  # noqa: E402
 from owl_desktop.gui.main_window import State  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -129,3 +134,31 @@ def test_a_question_waiting_for_the_model_stays_with_its_chat(qtbot, make_window
     assert window.chat.bubbles() == []
     window.open_conversation(first.id)
     assert window.composer.text() == "Meant for the first chat"
+
+
+def test_a_pasted_image_opened_in_the_viewer_is_never_world_readable(qtbot, make_window) -> None:  # noqa: ANN001, F811
+    window = make_window(with_model=False)
+    image = QImage(90, 60, QImage.Format.Format_RGB32)
+    image.fill(Qt.GlobalColor.darkMagenta)
+    QGuiApplication.clipboard().setImage(image)
+    old_umask = os.umask(0o022)  # the usual umask: files anyone on the computer can read, unless we say otherwise
+    try:
+        window.composer.edit.setFocus()
+        qtbot.keyClick(window.composer.edit, Qt.Key.Key_V, Qt.KeyboardModifier.ControlModifier)
+        qtbot.waitUntil(lambda: all(i.ready for i in window.composer.images()))
+        [pasted] = window.composer.images()
+        assert isinstance(pasted.source, bytes)
+        [chip] = window.composer.strip.findChildren(AttachmentChip)
+        qtbot.mouseClick(chip, Qt.MouseButton.LeftButton)
+        [viewer] = [w for w in window.findChildren(ImageViewer) if w.isVisible()]
+        folder = window.private_files.folder
+        assert folder is not None
+        written = list(folder.iterdir())
+        assert [p.read_bytes() for p in written] == [pasted.source]
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in written)
+        viewer.close()
+    finally:
+        os.umask(old_umask)
+    window.close()
+    assert not folder.exists()
