@@ -141,6 +141,8 @@ class ChatService:
 
         The previous model is unloaded first. Raises OwlError (BundleError, EngineError…) on failure.
         """
+        if task is not None:
+            task.check()  # stopped before it began (e.g. the window closed): not even the engine's import
         from owl_desktop.engine.pipeline import ChatPipeline
 
         turn = self.queue.enter("loading the model", bounded=False)
@@ -148,6 +150,8 @@ class ChatService:
             if not turn.wait(WAIT_FOR_ENGINE_S):
                 raise EngineError(BUSY)
             self._loading = True
+            if task is not None:
+                task.check()
             self._unload_locked()
             self._pipeline = ChatPipeline.open(ref, self.settings.to_engine_settings(), task)
             self.settings.last_model_id = self._pipeline.bundle.id

@@ -186,7 +186,10 @@ class ChatPipeline:
 
     @classmethod
     def open(cls, ref: str | Path, settings: EngineSettings | None = None, task: Task | None = None) -> ChatPipeline:
-        return cls(bundle_mod.load(ref, task=task), settings)
+        bundle = bundle_mod.load(ref, task=task)
+        if task is not None:
+            task.check()  # a stop during the checks ends here, before the weights are read
+        return cls(bundle, settings)
 
     # ---------------------------------------------------------------- images
 

@@ -37,6 +37,7 @@ from owl_desktop.gui.composer import Composer
 from owl_desktop.gui.icons import icon
 from owl_desktop.gui.image_viewer import ImageViewer
 from owl_desktop.gui.model_controller import ModelController
+from owl_desktop.gui.private_files import PrivateFiles
 from owl_desktop.gui.services import Services
 from owl_desktop.gui.sidebar import Sidebar
 from owl_desktop.gui.status_line import StatusLine
@@ -183,6 +184,7 @@ class MainWindow(QMainWindow):
         self._models_window: ModelsWindow | None = None
         self._start_model: str | None = None  # what start_background_work loads
         self._closing = False
+        self.private_files = PrivateFiles("owl-pasted-")  # pasted images handed to the viewer; removed at close
 
         self.engine = EngineHost(services.chat, self)
         # work ahead for the next question (encode the attachments, prefill the prompt) once the composer settles
@@ -437,6 +439,8 @@ class MainWindow(QMainWindow):
         self.status.set_model(None)
         self.status.set_activity("")
         self.set_state(State.NO_MODEL)
+        if self._withdraw_pending():  # the question asked while it loaded goes back, never out later
+            self._reshow_current()
         self.show_error(f"The model could not be loaded: {message}")
 
     def _on_model_installed(self, model_id: str) -> None:
@@ -467,6 +471,7 @@ class MainWindow(QMainWindow):
         """An empty chat; it is stored when its first question is sent."""
         if self.state is State.ANSWERING:
             return
+        self._withdraw_pending()  # a question waiting for the model stays in the composer, unsent
         self.current_id = None
         self.title.setText("New conversation")
         self.chat.clear()
@@ -503,6 +508,7 @@ class MainWindow(QMainWindow):
             self.show_error(user_message(exc))
             return
         if conv_id != self.current_id:
+            self._withdraw_pending()  # a question waiting for the model becomes its chat's draft, unsent
             self.chat.clear()
             self._swap_draft(conv_id)
         self.current_id = conv_id
@@ -702,6 +708,29 @@ class MainWindow(QMainWindow):
             return
         self._ask(text, sources)
 
+    def _withdraw_pending(self) -> bool:
+        """Put a question that waits for the model back into the composer (its chat's draft), so that it is sent
+        only where and when the user sends it again. True when there was one."""
+        if self._pending_submission is None:
+            return False
+        text, _sources = self._pending_submission
+        self._pending_submission = None
+        self._question_shown = False
+        self._restore_composer(text, self._pending_images)
+        self._pending_images = []
+        if self.state is State.LOADING:
+            self.status.set_activity("loading the model…", None, True)
+        return True
+
+    def _reshow_current(self) -> None:
+        """The open chat as stored (e.g. without a question shown and then taken back)."""
+        self.chat.clear()
+        if self.current_id is not None:
+            try:
+                self.chat.show_messages(self.services.store.messages(self.current_id))
+            except Exception:  # noqa: BLE001 - a conversation deleted meanwhile
+                pass
+
     def _show_question(self, text: str, images: list[PendingImage]) -> None:
         if self.pages.currentWidget() is not self.chat_page:
             self.pages.setCurrentWidget(self.chat_page)
@@ -856,17 +885,12 @@ class MainWindow(QMainWindow):
             viewer.open()
 
     def _open_pending_images(self, entries: list[ImageSource], index: int) -> None:
-        import tempfile
-
         shown = []
         for source, name in entries:
             if source is None:  # a paste still being encoded
                 continue
-            if isinstance(source, bytes):
-                tmp = Path(tempfile.gettempdir()) / f"owl-preview-{abs(hash(source))}.png"
-                if not tmp.exists():
-                    tmp.write_bytes(source)
-                shown.append((tmp, name))
+            if isinstance(source, bytes):  # a paste: the viewer reads a file, one only this user can read
+                shown.append((self.private_files.write(source, Path(name).suffix or ".png"), name))
             else:
                 shown.append((Path(source), name))
         self.show_images(shown, index)
@@ -935,12 +959,13 @@ class MainWindow(QMainWindow):
         """Stop the answer (what was written is saved), pause downloads (resumable), free the model."""
         if not self._closing:
             self._closing = True
+            self.hide()  # gone at once, whatever the engine thread needs to end its stage
             self.finish_deletes()
-            self.status.set_activity("closing…", None, True)
             self.api_server.shutdown()  # API requests in flight end within a token
             self.runner.shutdown(timeout_ms=30_000)
             self.engine.shutdown(timeout_ms=60_000)
             self._save_settings()
+            self.private_files.remove_all()
             if self._models_window is not None:
                 self._models_window.close()
         event.accept()

@@ -156,6 +156,11 @@ class SettingsDialog(QDialog):
         self.n_ctx.setCurrentIndex(self.n_ctx.findData(e.n_ctx))
         self.flash_attn = _combo(FLASH, e.flash_attn, "Flash attention")
         self.kv_type = _combo(KV_TYPES, e.kv_type, "Context cache type")
+        if options.kv_type_problem(e.kv_type, e.flash_attn):  # e.g. a settings file edited by hand
+            self.kv_type.setCurrentIndex(self.kv_type.findData("f16"))
+        self.flash_attn.currentIndexChanged.connect(self._offer_cache_choices)
+        self.kv_type.currentIndexChanged.connect(self._offer_cache_choices)
+        self._offer_cache_choices()
         for label, widget in (
             ("Device", self.device),
             ("GPU layers", self.gpu_layers),
@@ -178,6 +183,19 @@ class SettingsDialog(QDialog):
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         layout.addWidget(buttons)
+
+    def _offer_cache_choices(self) -> None:
+        """A context cache type that needs flash attention is not offered with it off, nor Off with such a type."""
+        flash, kv = self.flash_attn.currentData(), self.kv_type.currentData()
+        for box, problem in (
+            (self.kv_type, lambda key: options.kv_type_problem(key, flash)),
+            (self.flash_attn, lambda key: options.kv_type_problem(kv, key)),
+        ):
+            for i in range(box.count()):
+                why = problem(box.itemData(i))
+                item = box.model().item(i)
+                item.setEnabled(why is None)
+                item.setToolTip(f"Not available: {why}." if why else "")
 
     def _build_api_tab(self, a: Any) -> None:
         api = _form(self.tabs, "Local API server")
@@ -270,6 +288,8 @@ class SettingsDialog(QDialog):
         e.n_ctx = int(self.n_ctx.currentData())
         e.flash_attn = self.flash_attn.currentData()
         e.kv_type = self.kv_type.currentData()
+        if options.kv_type_problem(e.kv_type, e.flash_attn):  # never saved: the model would not load
+            e.kv_type = "f16"
         a = s.api_server
         a.enabled = self.api_enabled.isChecked()
         a.port = self.api_port.value()

@@ -81,6 +81,8 @@ class EngineWorker(QObject):
             self.model_failed.emit(user_message(exc))
         else:
             ahead = self._ahead = CancelToken()  # before the window hears of the model: its first ask cancels it
+            if self._load_cancel.cancelled:  # a stop (or the window closing) came as the load ended: no warm-up
+                ahead.cancel()
             self.model_loaded.emit(self._service.loaded_model_id or ref, self._service.device_description)
             self.idle.emit()
             self.prepared.emit(self._service.warm_up(ahead))
