@@ -10,9 +10,11 @@ and every mode becomes 8-bit RGB, transparency composited on white.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -35,19 +37,13 @@ def read_source(source: Path | str | bytes, name: str | None = None) -> tuple[by
     else:
         path = Path(source)
         label = name or path.name or str(path)
-        try:
-            size = path.stat().st_size
-            if path.is_dir():
-                raise ImageError(f"{label}: is a folder, not an image file")
-            if size > MAX_FILE_BYTES:
-                raise ImageError(f"{label}: file too large ({_mb(size)}; images up to {_mb(MAX_FILE_BYTES)} are read)")
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise ImageError(f"{label}: no such file ({path})") from exc
-        except PermissionError as exc:
-            raise ImageError(f"{label}: permission denied ({path})") from exc
-        except OSError as exc:
-            raise ImageError(f"{label}: cannot read the file ({exc.strerror or exc})") from exc
+        data = read_user_file(
+            path,
+            label,
+            "an image file",
+            MAX_FILE_BYTES,
+            lambda size: f"file too large ({_mb(size)}; images up to {_mb(MAX_FILE_BYTES)} are read)",
+        )
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(f"{label}: too large ({_mb(len(data))}; images up to {_mb(MAX_FILE_BYTES)} are read)")
     if not data:
@@ -55,8 +51,10 @@ def read_source(source: Path | str | bytes, name: str | None = None) -> tuple[by
     return data, label
 
 
-def decode(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode image bytes to an RGB image: size-checked from the header, fully loaded, EXIF-oriented, frame 0."""
+@contextlib.contextmanager
+def _opened(data: bytes, name: str, max_pixels: int) -> Iterator[Image.Image]:
+    """Pillow's image of `data`, its header checked against `max_pixels`; whatever the block does with it (load,
+    thumbnail) fails with the one-line ImageError a user sees, never a Pillow exception."""
     try:
         with warnings.catch_warnings():
             # Our own limit below replaces Pillow's warning; Pillow's hard limit (2 × Image.MAX_IMAGE_PIXELS) still
@@ -70,9 +68,7 @@ def decode(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Im
                     f"{name}: image too large ({width}×{height} = {width * height:,} pixels; "
                     f"the limit is {max_pixels:,} pixels)"
                 )
-            fmt = img.format or "image"
-            # open() leaves an animation (GIF, APNG, WebP, MPO, multi-page TIFF) on its first frame: we use that one.
-            img.load()  # decode every pixel now: truncated or corrupt data fails here, not later
+            yield img
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -83,6 +79,32 @@ def decode(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Im
         raise ImageError(f"{name}: not enough memory to decode the image") from exc
     except Exception as exc:  # Pillow's decoders raise many types on malformed input
         raise ImageError(f"{name}: the image data is corrupt or truncated ({_reason(exc)})") from exc
+
+
+def read_user_file(path: Path, label: str, kind: str, max_bytes: int, too_large: Callable[[int], str]) -> bytes:
+    """The bytes of a file the user named, or a one-line ImageError: missing, a folder (not `kind`), unreadable,
+    or larger than `max_bytes` (`too_large(size)` says so)."""
+    try:
+        size = path.stat().st_size
+        if path.is_dir():
+            raise ImageError(f"{label}: is a folder, not {kind}")
+        if size > max_bytes:
+            raise ImageError(f"{label}: {too_large(size)}")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ImageError(f"{label}: no such file ({path})") from exc
+    except PermissionError as exc:
+        raise ImageError(f"{label}: permission denied ({path})") from exc
+    except OSError as exc:
+        raise ImageError(f"{label}: cannot read the file ({exc.strerror or exc})") from exc
+
+
+def decode(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to an RGB image: size-checked from the header, fully loaded, EXIF-oriented, frame 0."""
+    with _opened(data, name, max_pixels) as img:
+        fmt = img.format or "image"
+        # open() leaves an animation (GIF, APNG, WebP, MPO, multi-page TIFF) on its first frame: we use that one.
+        img.load()  # decode every pixel now: truncated or corrupt data fails here, not later
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # a broken EXIF block must not lose the image; keep it unrotated
@@ -99,29 +121,11 @@ def preview(data: bytes, name: str = "image", max_side: int = 320) -> tuple[Imag
     """A small RGB copy of an image for showing it (at most `max_side` a side) and the image's full size (EXIF
     orientation applied). The same checks and messages as `decode`; JPEG is decoded at a reduced scale (draft),
     other formats are shrunk as they load, so a 10000×8000 image costs no more than decoding it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(
-                    f"{name}: image too large ({width}×{height} = {width * height:,} pixels; "
-                    f"the limit is {MAX_PIXELS:,} pixels)"
-                )
-            orientation = img.getexif().get(0x0112, 1)
-            img.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale; others: no effect
-            img.thumbnail((max_side, max_side), reducing_gap=2.0)  # loads every pixel: corrupt data fails here
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: image too large ({_bomb_pixels(exc, MAX_PIXELS)})") from exc
-    except Image.UnidentifiedImageError as exc:
-        raise ImageError(f"{name}: not an image, or an unsupported image format") from exc
-    except MemoryError as exc:
-        raise ImageError(f"{name}: not enough memory to decode the image") from exc
-    except Exception as exc:  # Pillow's decoders raise many types on malformed input
-        raise ImageError(f"{name}: the image data is corrupt or truncated ({_reason(exc)})") from exc
+    with _opened(data, name, MAX_PIXELS) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)
+        img.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale; others: no effect
+        img.thumbnail((max_side, max_side), reducing_gap=2.0)  # loads every pixel: corrupt data fails here
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # a broken EXIF block: shown unrotated

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from owl_desktop.errors import ImageError
+from owl_desktop.image_intake import read_user_file
 from owl_desktop.model_family import ImagePlan
 
 PDF_SUFFIX = ".pdf"
@@ -64,19 +65,13 @@ def read_pdf(path: Path | str) -> tuple[bytes, str]:
     """The bytes of a PDF file and its name, size-checked; ImageError for anything unreadable."""
     path = Path(path)
     name = path.name or str(path)
-    try:
-        if path.is_dir():
-            raise ImageError(f"{name}: is a folder, not a PDF")
-        size = path.stat().st_size
-        if size > MAX_PDF_BYTES:
-            raise ImageError(f"{name}: file too large ({size >> 20} MB; PDFs up to {MAX_PDF_BYTES >> 20} MB are read)")
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ImageError(f"{name}: no such file ({path})") from exc
-    except PermissionError as exc:
-        raise ImageError(f"{name}: permission denied ({path})") from exc
-    except OSError as exc:
-        raise ImageError(f"{name}: cannot read the file ({exc.strerror or exc})") from exc
+    data = read_user_file(
+        path,
+        name,
+        "a PDF",
+        MAX_PDF_BYTES,
+        lambda size: f"file too large ({size >> 20} MB; PDFs up to {MAX_PDF_BYTES >> 20} MB are read)",
+    )
     if not data:
         raise ImageError(f"{name}: the file is empty (0 bytes)")
     return data, name
