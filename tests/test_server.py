@@ -577,7 +577,15 @@ def test_requests_while_the_model_loads_get_503_then_answers(bundle: Path) -> No
 @pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C is a POSIX signal here")
 def test_serve_prints_its_address_and_stops_cleanly_on_ctrl_c(bundle: Path) -> None:
     args = [sys.executable, "-m", "owl_desktop", "serve", "--model", str(bundle), "--port", "0", *EXACT_FLAGS]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a runner that starts jobs in the background (CI) hands them SIGINT ignored, and Python
+    # then installs no Ctrl+C handler at all.
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(2)]
