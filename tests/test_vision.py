@@ -210,6 +210,25 @@ def test_bf16_close_to_fp32(tiny: tuple[OwlConfig, dict[str, torch.Tensor], torc
     assert cos.min() > 0.998, cos.min()
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_on_the_cpu_keeps_half_weights_and_gives_the_fp32_result(tiny, half: torch.dtype) -> None:
+    """A CPU without native bf16 computes in fp32: the linear layers keep the checkpoint's half-precision weights
+    (half the memory) and widen them as they run, which is exact: the rows equal those of a model whose weights were
+    all widened to fp32 at load."""
+    cfg, sd, px = tiny
+    stored = {k: v.to(half) for k, v in sd.items()}
+    widened = {k: v.float() for k, v in stored.items()}
+    enc = VisionEncoder.from_state_dict(stored, cfg, device="cpu", dtype="fp32")
+    assert enc.dtype == torch.float32
+    fc1 = enc.model.vision_model.encoder.layers[0].mlp.fc1
+    assert (fc1.weight.dtype, fc1.bias.dtype) == (half, half)
+    assert enc.model.vision_model.post_layernorm.weight.dtype == torch.float32
+    held = sum(p.numel() * p.element_size() for p in enc.model.parameters())
+    full = VisionEncoder.from_state_dict(widened, cfg, device="cpu", dtype="fp32")
+    assert held < 0.75 * sum(p.numel() * p.element_size() for p in full.model.parameters())
+    np.testing.assert_array_equal(enc.encode(px), full.encode(px))
+
+
 def test_from_file_loads_fp16_strictly(tmp_path, tiny) -> None:
     cfg, sd, px = tiny
     path = tmp_path / "vision.safetensors"
