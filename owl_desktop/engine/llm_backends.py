@@ -24,6 +24,7 @@ loaded here and the report says "built-in".
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import sys
 import threading
@@ -57,6 +58,12 @@ _ISA_FEATURES = (
     "AVX512_BF16", "AMX_INT8", "NEON", "ARM_FMA", "FP16_VA", "MATMUL_INT8", "SVE", "DOTPROD", "SME", "SME2",
 )  # fmt: skip
 _DEVICE_GPU, _DEVICE_IGPU = 1, 2
+
+
+# Where a Linux machine has a GPU a driver can use: DRM render nodes (Mesa's Vulkan drivers, NVIDIA's open modules)
+# and NVIDIA's and AMD's compute device nodes.
+GPU_DEVICE_NODES = ("/dev/dri/renderD*", "/dev/nvidia[0-9]*", "/dev/kfd")
+NO_GPU_NODE = "no GPU on this computer"
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,10 @@ class LlamaBackends:
         if gpu is not None:
             return f"{cpu} · GPU {gpu.backend}: {gpu.description}"
         why = [f"{name}: no device" for name in self.gpu_backends]
-        why += [f"{module}: not loadable here" for module, _ in self.unavailable]
+        why += [
+            f"{module}: {NO_GPU_NODE if reason == NO_GPU_NODE else 'not loadable here'}"
+            for module, reason in self.unavailable
+        ]
         return f"{cpu} · GPU: none" + (f" ({'; '.join(why)})" if why else "")
 
 
@@ -272,10 +282,22 @@ def _features(ggml: ctypes.CDLL, reg: int) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _load_gpu_modules(ggml: ctypes.CDLL, directory: Path) -> list[str]:
+def _gpu_may_be_present() -> bool:
+    """False on Linux when no GPU device node exists: loading the Vulkan module would only cost time and memory
+    (the Vulkan loader maps every installed driver, Mesa's with its LLVM: ~60 MB resident) to find no device.
+    GGML_VK_VISIBLE_DEVICES set (a CPU-type Vulkan device such as lavapipe asked for by name) always loads it."""
+    if not sys.platform.startswith("linux") or os.environ.get("GGML_VK_VISIBLE_DEVICES"):
+        return True
+    return any(glob.glob(pattern) for pattern in GPU_DEVICE_NODES)
+
+
+def _load_gpu_modules(ggml: ctypes.CDLL, directory: Path) -> list[tuple[str, str]]:
     """Load every non-CPU backend module (Vulkan, CUDA...); (module, why) for those that cannot load here."""
     prefix, ext = _module_names()
     unavailable: list[tuple[str, str]] = []
+    if not _gpu_may_be_present():
+        kinds = sorted(path.name[len(prefix) : -len(ext)] for path in directory.glob(f"{prefix}*{ext}"))
+        return [(kind, NO_GPU_NODE) for kind in kinds if kind not in ("base", "cpu") and not kind.startswith("cpu-")]
     for path in sorted(directory.glob(f"{prefix}*{ext}")):
         kind = path.name[len(prefix) : -len(ext)]
         if kind == "base" or kind == "cpu" or kind.startswith("cpu-"):
