@@ -30,7 +30,15 @@ import llama_cpp as L
 import numpy as np
 
 from owl_desktop.engine.llm_backends import GpuDevice, LlamaBackends, load_backends
-from owl_desktop.engine.options import FLASH_ATTN_IDS, KV_TYPE_IDS, LlmSettings, Sampling, kv_type_problem
+from owl_desktop.engine.options import (
+    FLASH_ATTN_IDS,
+    KV_TYPE_IDS,
+    KV_TYPE_WITHOUT_FLASH_ATTN,
+    KV_TYPES_NEEDING_FLASH_ATTN,
+    LlmSettings,
+    Sampling,
+    kv_type_problem,
+)
 from owl_desktop.errors import Cancelled, EngineError, PromptError
 from owl_desktop.logs import see_the_log
 from owl_desktop.tasks import CancelToken
@@ -228,12 +236,20 @@ class LlamaEngine:
             raise EngineError(problem)
         cp.flash_attn_type = FLASH_ATTN_IDS[s.flash_attn]
         cp.type_k = cp.type_v = KV_TYPE_IDS[s.kv_type]
+        self.kv_type = s.kv_type  # the cache type in use
         # Cancel: each generate() gets its own token (a Stop that came before it started is never cleared away).
         # llama.cpp calls the abort callback at every graph node (~1,000 Python calls per token at 7B), so it is set
         # only while a prefill runs; between generated tokens the loop itself checks the token.
         self._cancel = CancelToken()
         self._abort_cb = L.ggml_abort_callback(lambda _data: self._cancel.cancelled)  # keep a reference
         self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx and s.flash_attn == "auto" and s.kv_type in KV_TYPES_NEEDING_FLASH_ATTN:
+            # "auto" found no flash attention for this device, and a quantized V cache needs it: the larger cache
+            # still runs (the settings dialog offers the same fallback)
+            _llama_log.warning("no flash attention here: context cache in %s", KV_TYPE_WITHOUT_FLASH_ATTN)
+            cp.type_k = cp.type_v = KV_TYPE_IDS[KV_TYPE_WITHOUT_FLASH_ATTN]
+            self.kv_type = KV_TYPE_WITHOUT_FLASH_ATTN
+            self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
             raise EngineError(f"llama.cpp could not create a context ({s.n_ctx} positions): {_last_error()}")

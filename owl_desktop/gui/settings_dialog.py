@@ -157,7 +157,7 @@ class SettingsDialog(QDialog):
         self.flash_attn = _combo(FLASH, e.flash_attn, "Flash attention")
         self.kv_type = _combo(KV_TYPES, e.kv_type, "Context cache type")
         if options.kv_type_problem(e.kv_type, e.flash_attn):  # e.g. a settings file edited by hand
-            self.kv_type.setCurrentIndex(self.kv_type.findData("f16"))
+            self.kv_type.setCurrentIndex(self.kv_type.findData(options.KV_TYPE_WITHOUT_FLASH_ATTN))
         self.flash_attn.currentIndexChanged.connect(self._offer_cache_choices)
         self.kv_type.currentIndexChanged.connect(self._offer_cache_choices)
         self._offer_cache_choices()
@@ -289,7 +289,7 @@ class SettingsDialog(QDialog):
         e.flash_attn = self.flash_attn.currentData()
         e.kv_type = self.kv_type.currentData()
         if options.kv_type_problem(e.kv_type, e.flash_attn):  # never saved: the model would not load
-            e.kv_type = "f16"
+            e.kv_type = options.KV_TYPE_WITHOUT_FLASH_ATTN
         a = s.api_server
         a.enabled = self.api_enabled.isChecked()
         a.port = self.api_port.value()
