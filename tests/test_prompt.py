@@ -30,10 +30,22 @@ def encode(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
     return list(sp.encode(text))  # no BOS: SentencePiece adds none unless asked
 
 
-def reference_ids(sp: spm.SentencePieceProcessor, text: str, rows: int = 65) -> list[int]:
-    """The reference processor's _tokenize_prompt, written out: BOS, then each chunk split at <image>."""
+def chunks(text: str, answers: list[str]) -> list[str]:
+    """The prompt text's chunks: split at <image> as the reference processor does, and (where ours differs from it)
+    around each earlier answer, which is tokenized on its own, as is the text after it."""
+    for a in answers:
+        text = text.replace(f"AI: {a}\n", f"AI: <cut>{a}<cut>\n", 1)
+    return [c for c in re.split("(<image>|<cut>)", text) if c and c != "<cut>"]
+
+
+def answers_of(turns: list[Turn]) -> list[str]:
+    return [t.answer.strip() for t in turns if t.answer is not None]
+
+
+def reference_ids(sp: spm.SentencePieceProcessor, text: str, answers: list[str], rows: int = 65) -> list[int]:
+    """The reference processor's _tokenize_prompt, written out: BOS, then each chunk on its own."""
     ids = [1]
-    for chunk in [c for c in re.split("(<image>)", text) if c]:
+    for chunk in chunks(text, answers):
         ids += [-1] * rows if chunk == "<image>" else encode(sp, chunk)
     return ids
 
@@ -98,7 +110,7 @@ def test_custom_system_and_whitespace() -> None:
 def test_ids_match_reference_processor(sp: spm.SentencePieceProcessor, turns: list[Turn]) -> None:
     prompt = build_prompt(turns, lambda t: encode(sp, t))
     assert prompt.text == render_text(turns)
-    assert prompt.input_ids() == reference_ids(sp, prompt.text)
+    assert prompt.input_ids() == reference_ids(sp, prompt.text, answers_of(turns))
     assert prompt.n_positions == len(prompt.input_ids())
     assert prompt.dropped_turns == 0 and prompt.max_new_tokens == 512
     # segments alternate text / image, BOS once at the very start, images in order with their keys
@@ -122,6 +134,19 @@ def test_dummy_prefix_and_trailing_space(sp: spm.SentencePieceProcessor) -> None
         assert pieces == ["▁", "<0x0A>"]  # "\nHuman: …" tokenized alone: dummy prefix, then the newline byte
     assert sp.id_to_piece(texts[-1].ids[-1]) == "▁"  # "AI: " keeps its trailing space
     assert sp.decode(texts[0].ids[1:]) == f"{SYS}\nHuman: "  # the chunk before the image keeps its space
+
+
+def test_a_follow_up_starts_with_the_previous_prompt_then_the_answer_as_a_model_writes_it(
+    sp: spm.SentencePieceProcessor,
+) -> None:
+    tok = lambda t: encode(sp, t)  # noqa: E731
+    asked = build_prompt([Turn(["k"], Q1)], tok).input_ids()
+    follow = build_prompt([Turn(["k"], Q1, A1), Turn([], Q2)], tok).input_ids()
+    # what the KV cache holds after the first answer: its prompt ("…AI: " ends with "▁"), then the answer's tokens
+    assert follow[: len(asked)] == asked and sp.id_to_piece(asked[-1]) == "▁"
+    written = encode(sp, A1)  # a model trained on mPLUG-Owl's data writes "▁A", "▁cat", … after that "▁"
+    assert follow[len(asked) : len(asked) + len(written)] == written
+    assert follow[len(asked) + len(written) :] == encode(sp, f"\nHuman: {Q2}\nAI: ")  # on its own, as after an image
 
 
 def test_tokenizer_sees_only_text_chunks(sp: spm.SentencePieceProcessor) -> None:
@@ -153,7 +178,7 @@ def test_custom_image_rows_and_bos(sp: spm.SentencePieceProcessor) -> None:
 
 
 def cost(sp: spm.SentencePieceProcessor, turns: list[Turn], system: str = SYS) -> int:
-    return len(reference_ids(sp, render_text(turns, system=system)))
+    return len(reference_ids(sp, render_text(turns, system=system), answers_of(turns)))
 
 
 def long_conversation(n: int) -> list[Turn]:
@@ -172,7 +197,7 @@ def test_drops_oldest_turns_to_fit(sp: spm.SentencePieceProcessor) -> None:
     assert 0 < k < len(turns) - 1
     # independent check: the kept turns are the longest suffix that fits with the answer's room
     assert prompt.text == render_text(turns[k:])
-    assert prompt.input_ids() == reference_ids(sp, prompt.text)
+    assert prompt.input_ids() == reference_ids(sp, prompt.text, answers_of(turns[k:]))
     assert prompt.n_positions == cost(sp, turns[k:]) and prompt.n_positions + reserve <= n_ctx
     assert cost(sp, turns[k - 1 :]) + reserve > n_ctx
     assert prompt.max_new_tokens == reserve
@@ -280,7 +305,7 @@ def test_each_image_counts_its_own_positions_ureader_form(sp: spm.SentencePieceP
     text = f"Human: <image>\nHuman: {Q1}\nAI: {A1}\nHuman: <image>\nHuman: {Q2}\nAI: "
     assert prompt.text == text and prompt.dropped_turns == 0 and prompt.image_level == 0
     want = [1]
-    for chunk in [c for c in re.split("(<image>)", text) if c]:
+    for chunk in chunks(text, [A1]):
         if chunk == "<image>":
             want += [-1] * 65 * views["receipt" if want.count(-1) == 0 else "card"]
         else:

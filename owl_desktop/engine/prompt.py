@@ -14,6 +14,14 @@ Chunks are cut where the conversation has images, never by searching the text fo
 "<image>" gets those characters as text, not a phantom image slot (the reference would make one). Questions and
 answers are stripped of surrounding whitespace.
 
+An earlier answer is a chunk of its own, and so is the text after it ("\nHuman: …"), where the reference processor
+tokenizes "AI: {a1}\nHuman: …" as one chunk. The reason is the KV cache: when a1 was written, the prompt ended with
+"AI: " (`:` `▁`) and the model's tokens came after that `▁`; one chunk "AI: a1" would merge them into `▁a1` instead,
+so a follow-up's positions would part from the cache at the last position of the previous prompt and the whole
+previous answer would be prefilled again. Tokenized on its own, the answer gets its dummy-prefix `▁`, which is the
+token form mPLUG-Owl was trained on (its training split cuts at 'AI: ' and '\nHuman: ', mplug-owl-reference.md §4) and
+writes after "AI: ", so the follow-up's prompt starts with the previous prompt and answer token for token.
+
 When the conversation does not fit in n_ctx with room for the answer, the oldest turns are left out, whole and with
 their images; the current turn is never cut.
 
@@ -117,11 +125,18 @@ class Prompt:
         return out
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """An earlier answer's text: tokenized on its own, never merged with the text around it (see the module doc)."""
+
+    text: str
+
+
 @dataclass
 class _Parts:
-    """Text and images in order; consecutive texts are merged, so texts and images alternate."""
+    """Text, answers and images in order; consecutive texts are merged (an answer is never merged)."""
 
-    items: list[str | ImageSegment] = field(default_factory=list)
+    items: list[str | _Answer | ImageSegment] = field(default_factory=list)
     n_images: int = 0
 
     def text(self, s: str) -> None:
@@ -131,6 +146,14 @@ class _Parts:
             self.items[-1] += s
         else:
             self.items.append(s)
+
+    def answer(self, s: str) -> None:
+        if s:
+            self.items.append(_Answer(s))
+
+    def render(self, image: str) -> str:
+        """The prompt's text, `image` standing for each image."""
+        return "".join(i if isinstance(i, str) else i.text if isinstance(i, _Answer) else image for i in self.items)
 
     def image(self, key: str, rows: int, level: int) -> None:
         if rows <= 0:
@@ -152,8 +175,7 @@ def render_text(turns: Sequence[Turn], template: PromptTemplate | None = None, s
     """
     tpl = template or PromptTemplate()
     full = _rows_fn(IMAGE_ROWS)
-    parts = _layout(turns, tpl, tpl.system if system is None else system, full, full, 0)
-    return "".join(i if isinstance(i, str) else tpl.image for i in parts.items)
+    return _layout(turns, tpl, tpl.system if system is None else system, full, full, 0).render(tpl.image)
 
 
 def build_prompt(
@@ -204,17 +226,19 @@ def build_prompt(
         parts = _layout(turns[first:], tpl, sys_text, levels[0], levels[level], level)
         segments: list[Segment] = []
         for item in parts.items:
-            if isinstance(item, str):
-                ids = ids_of(item)
-                if not segments:
-                    ids = [bos_id, *ids]
-                segments.append(TextSegment(ids))
-            else:
+            if isinstance(item, ImageSegment):
                 if not segments:  # an image first (empty system): BOS still comes first
                     segments.append(TextSegment([bos_id]))
                 segments.append(item)
-        text = "".join(i if isinstance(i, str) else tpl.image for i in parts.items)
-        return segments, sum(s.n_positions for s in segments), text
+                continue
+            ids = ids_of(item if isinstance(item, str) else item.text)
+            if not segments:
+                ids = [bos_id, *ids]
+            if segments and isinstance(segments[-1], TextSegment):  # text after an answer: one token batch
+                segments[-1] = TextSegment([*segments[-1].ids, *ids])
+            else:
+                segments.append(TextSegment(ids))
+        return segments, sum(s.n_positions for s in segments), parts.render(tpl.image)
 
     last = len(turns) - 1
     for level in range(len(levels)):
@@ -279,7 +303,7 @@ def _layout(
             sep = "\n"
         parts.text(sep + tpl.human + turn.question.strip() + "\n" + tpl.ai)
         if turn.answer is not None:
-            parts.text(turn.answer.strip())
+            parts.answer(turn.answer.strip())
         sep = "\n"
     return parts
 
