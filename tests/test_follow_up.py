@@ -24,8 +24,9 @@ from test_app_chat import make_settings
 
 from owl_desktop.app.chat_service import ChatService, Finished
 from owl_desktop.app.engine_queue import EngineQueue
+from owl_desktop.convert.converter import convert_checkpoint
 from owl_desktop.devtools.tiny_checkpoint import make_checkpoint
-from owl_desktop.engine.llm import LlmSettings, Sampling
+from owl_desktop.engine.llm import LlamaEngine, LlmSettings, Sampling
 from owl_desktop.engine.pipeline import AnswerRecord, ChatPipeline, EngineSettings, HistoryTurn
 from owl_desktop.server.config import ServerConfig
 from owl_desktop.server.host import StandaloneModel
@@ -143,3 +144,64 @@ def test_an_api_client_sending_the_answer_back_gets_it_reused(talker: Talker, ap
     follow = api.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=8)
     cached = (follow.model_extra or {})["timings"]["cache_n"]
     assert cached >= first.usage.prompt_tokens + N_WORDS + 1  # the previous prompt, the words and "."
+
+
+# ---------------------------------------------------------------------------------------------------- a random model
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory: pytest.TempPathFactory) -> Talker:
+    """The tiny random model: its tokens are seldom the ones its answer's text tokenizes into."""
+    root = tmp_path_factory.mktemp("noisy")
+    bundle = convert_checkpoint(
+        make_checkpoint(root / "ckpt", "bin", preset="tiny", seed=0), root / "bundle", quant="F32"
+    )
+    image = root / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 320, 3), dtype=np.uint8)).save(image)
+    return Talker(bundle, image, "")
+
+
+def test_an_answer_given_back_in_the_tokens_the_model_wrote_is_reused_whole(noisy: Talker) -> None:
+    greedy = Sampling(greedy=True, max_new_tokens=N_WORDS)
+    with ChatPipeline.open(noisy.bundle, EXACT) as pipe:
+        first = pipe.ask([noisy.image], QUESTION, sampling=greedy)
+        text = first.read()
+        written = first.record.token_ids
+        assert first.record.stop_reason == "length" and pipe.llm.tokenize(text) != written
+        follow_ups = {}
+        for kept in (False, True):
+            history = [HistoryTurn([noisy.image], QUESTION, text, written if kept else ())]
+            pipe.llm.reset()
+            pipe.ask([noisy.image], QUESTION, sampling=greedy).read()  # the KV cache as the first answer left it
+            follow = pipe.ask([], FOLLOW_UP, history, sampling=greedy)
+            follow.read()
+            pipe.llm.reset()
+            cold = pipe.ask([], FOLLOW_UP, history, sampling=greedy)
+            cold.read()
+            assert cold.record.token_ids == follow.record.token_ids
+            follow_ups[kept] = follow.record.reused_positions
+        previous = prompt_positions(first.record)
+        # from its text alone, the answer is reused only as far as its text tokenizes into what the model wrote
+        assert previous <= follow_ups[False] < previous + len(written) // 2
+        # in its own tokens, all but the last (cut at the length limit, so never decoded: see answer_in_cache)
+        assert follow_ups[True] == previous + len(written) - 1
+
+        # tokens that do not spell the answer's text (an answer edited since, another model's tokens) are not used
+        edited = [HistoryTurn([noisy.image], QUESTION, text + " (edited)", ids) for ids in (written, ())]
+        with_ids, without = (pipe.build([], FOLLOW_UP, [turn])[1] for turn in edited)
+        assert LlamaEngine.positions(with_ids) == LlamaEngine.positions(without)
+
+
+def test_the_app_keeps_the_tokens_of_each_answer_for_the_follow_up(noisy: Talker) -> None:
+    svc = ChatService(ConversationStore(), ImageStore(), make_settings(max_new_tokens=N_WORDS))
+    try:
+        svc.load_model(noisy.bundle)
+        conv = svc.store.create()
+        first = [e for e in svc.ask(conv.id, QUESTION, [noisy.image]) if isinstance(e, Finished)][0]
+        follow = [e for e in svc.ask(conv.id, FOLLOW_UP, []) if isinstance(e, Finished)][0]
+        seam = first.record.stop_reason == "length"  # the last token of a cut answer was never decoded
+        written = len(first.record.token_ids)
+        assert follow.message.meta["reused_positions"] == prompt_positions(first.record) + written - seam
+    finally:
+        svc.close()
+        svc.store.close()

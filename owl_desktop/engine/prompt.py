@@ -20,7 +20,9 @@ tokenizes "AI: {a1}\nHuman: …" as one chunk. The reason is the KV cache: when 
 so a follow-up's positions would part from the cache at the last position of the previous prompt and the whole
 previous answer would be prefilled again. Tokenized on its own, the answer gets its dummy-prefix `▁`, which is the
 token form mPLUG-Owl was trained on (its training split cuts at 'AI: ' and '\nHuman: ', mplug-owl-reference.md §4) and
-writes after "AI: ", so the follow-up's prompt starts with the previous prompt and answer token for token.
+writes after "AI: ", so the follow-up's prompt starts with the previous prompt and answer token for token. A model
+may write a word in other tokens than its text tokenizes into (a random test model nearly always does); a caller that
+kept the tokens it wrote can pass them (`Turn.answer_ids`) to keep the cache for those answers too.
 
 When the conversation does not fit in n_ctx with room for the answer, the oldest turns are left out, whole and with
 their images; the current turn is never cut.
@@ -55,16 +57,23 @@ BOS_ID = 1
 
 @dataclass(frozen=True)
 class Turn:
-    """One exchange: images (their keys, e.g. sha256, in order), the question, and the answer (None while asked)."""
+    """One exchange: images (their keys, e.g. sha256, in order), the question, and the answer (None while asked).
+
+    `answer_ids`, when given, are the tokens the model wrote for the answer, which the caller has checked spell its
+    text (a model's tokens need not be the ones its text tokenizes into); they stand for the answer in the prompt.
+    """
 
     images: Sequence[str]
     question: str
     answer: str | None = None
+    answer_ids: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.images, str):
             raise TypeError("Turn.images is a sequence of image keys, not one string")
         object.__setattr__(self, "images", tuple(self.images))
+        if self.answer_ids is not None:
+            object.__setattr__(self, "answer_ids", tuple(self.answer_ids))
 
 
 @dataclass(frozen=True)
@@ -127,9 +136,11 @@ class Prompt:
 
 @dataclass(frozen=True)
 class _Answer:
-    """An earlier answer's text: tokenized on its own, never merged with the text around it (see the module doc)."""
+    """An earlier answer: tokenized on its own, never merged with the text around it (see the module doc), or the
+    tokens the model wrote for it."""
 
     text: str
+    ids: Sequence[int] | None = None
 
 
 @dataclass
@@ -147,9 +158,9 @@ class _Parts:
         else:
             self.items.append(s)
 
-    def answer(self, s: str) -> None:
+    def answer(self, s: str, ids: Sequence[int] | None) -> None:
         if s:
-            self.items.append(_Answer(s))
+            self.items.append(_Answer(s, ids))
 
     def render(self, image: str) -> str:
         """The prompt's text, `image` standing for each image."""
@@ -231,7 +242,10 @@ def build_prompt(
                     segments.append(TextSegment([bos_id]))
                 segments.append(item)
                 continue
-            ids = ids_of(item if isinstance(item, str) else item.text)
+            if isinstance(item, str):
+                ids = ids_of(item)
+            else:
+                ids = list(item.ids) if item.ids is not None else ids_of(item.text)
             if not segments:
                 ids = [bos_id, *ids]
             if segments and isinstance(segments[-1], TextSegment):  # text after an answer: one token batch
@@ -303,7 +317,7 @@ def _layout(
             sep = "\n"
         parts.text(sep + tpl.human + turn.question.strip() + "\n" + tpl.ai)
         if turn.answer is not None:
-            parts.answer(turn.answer.strip())
+            parts.answer(turn.answer.strip(), turn.answer_ids)
         sep = "\n"
     return parts
 
