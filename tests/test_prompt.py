@@ -9,7 +9,15 @@ import sentencepiece as spm
 
 from owl_desktop.bundle import DEFAULT_SYSTEM, PromptTemplate
 from owl_desktop.devtools.tiny_checkpoint import train_tokenizer
-from owl_desktop.engine.prompt import ImageSegment, Prompt, TextSegment, Turn, build_prompt, render_text
+from owl_desktop.engine.prompt import (
+    ImageSegment,
+    Prompt,
+    TextSegment,
+    Turn,
+    answer_floor,
+    build_prompt,
+    render_text,
+)
 from owl_desktop.errors import ContextFull, PromptError
 
 SYS = DEFAULT_SYSTEM
@@ -195,12 +203,14 @@ def test_drops_oldest_turns_to_fit(sp: spm.SentencePieceProcessor) -> None:
     prompt = build_prompt(turns, lambda t: encode(sp, t), n_ctx=n_ctx, max_new_tokens=reserve)
     k = prompt.dropped_turns
     assert 0 < k < len(turns) - 1
-    # independent check: the kept turns are the longest suffix that fits with the answer's room
+    # independent check: the kept turns are the longest suffix that leaves the answer its floor (a quarter of 128)
+    floor = answer_floor(reserve)
+    assert floor == 32
     assert prompt.text == render_text(turns[k:])
     assert prompt.input_ids() == reference_ids(sp, prompt.text, answers_of(turns[k:]))
-    assert prompt.n_positions == cost(sp, turns[k:]) and prompt.n_positions + reserve <= n_ctx
-    assert cost(sp, turns[k - 1 :]) + reserve > n_ctx
-    assert prompt.max_new_tokens == reserve
+    assert prompt.n_positions == cost(sp, turns[k:]) and prompt.n_positions + floor <= n_ctx
+    assert cost(sp, turns[k - 1 :]) + floor > n_ctx
+    assert prompt.max_new_tokens == min(reserve, n_ctx - prompt.n_positions)
     assert prompt.image_keys[-1] == "img-now"
     assert prompt.image_keys == [key for t in turns[k:] for key in t.images]
 
@@ -226,6 +236,39 @@ def test_old_turns_leave_in_blocks_so_the_prefix_stays_the_same(sp: spm.Sentence
     assert changes[0] > 2 * changes[1] > 0
 
 
+def test_the_answer_room_shrinks_to_its_floor_before_old_turns_leave_and_grows_back(
+    sp: spm.SentencePieceProcessor,
+) -> None:
+    """A growing conversation, built as the pipeline builds it (old turns leave in blocks of half the context)."""
+    n_ctx, longest, block = 1200, 256, 600
+    floor = answer_floor(longest)
+    assert floor == 64
+    grown = long_conversation(30)
+    history, asked = grown[:-1], grown[-1]
+    rooms: list[tuple[int, int]] = []  # (turns left out, room for the answer) at each turn
+    for n in range(len(history) + 1):
+        turns = [*history[:n], asked]
+        prompt, one_by_one = (
+            build_prompt(turns, lambda t: encode(sp, t), n_ctx=n_ctx, max_new_tokens=longest, drop_block=step)
+            for step in (block, 0)
+        )
+        k, least = prompt.dropped_turns, one_by_one.dropped_turns
+        assert prompt.max_new_tokens == min(longest, n_ctx - prompt.n_positions) >= floor
+        if least:  # turns leave only when keeping one more would cut the answer's room below its floor
+            assert cost(sp, turns[least - 1 :]) + floor > n_ctx
+        assert k >= least and (k == 0) == (least == 0)
+        rooms.append((k, prompt.max_new_tokens))
+    print("(turns left out, answer room) per turn:", rooms)
+    drops = [i for i in range(1, len(rooms)) if rooms[i][0] > rooms[i - 1][0]]
+    assert len(drops) >= 2
+    for start, drop in zip([0, *drops], drops, strict=False):
+        kept = [room for _, room in rooms[start:drop]]
+        # with the same turns kept, the room shrank from the longest answer towards its floor, turn by turn …
+        assert kept[0] == longest and kept == sorted(kept, reverse=True) and kept[-1] < longest
+        # … until a block of old turns left, and the room grew back to the longest answer
+        assert rooms[drop][1] == longest
+
+
 def test_keeping_every_turn_refuses_what_cannot_fit(sp: spm.SentencePieceProcessor) -> None:
     turns = long_conversation(12)
     needed = cost(sp, turns) + 16
@@ -247,9 +290,9 @@ def test_nothing_dropped_when_it_fits(sp: spm.SentencePieceProcessor) -> None:
 
 def test_answer_room_is_capped_so_the_current_turn_fits(sp: spm.SentencePieceProcessor) -> None:
     n = next(n for n in range(1, 40) if cost(sp, [Turn(["k"] * n, Q3)]) > 2048 - 512)  # the answer's room is cut
-    turns = [Turn(["old"], Q1, A1), Turn([f"k{i}" for i in range(n)], Q3)]
+    turns = [Turn([f"old{i}" for i in range(8)], Q1, A1), Turn([f"k{i}" for i in range(n)], Q3)]
     current = cost(sp, turns[-1:])
-    assert 2048 - 512 < current < 2048 - 16
+    assert 2048 - 512 < current < 2048 - 16 and cost(sp, turns) + answer_floor(512) > 2048
     prompt = build_prompt(turns, lambda t: encode(sp, t))
     assert prompt.dropped_turns == 1
     assert prompt.n_positions == current

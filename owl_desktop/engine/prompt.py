@@ -24,8 +24,10 @@ writes after "AI: ", so the follow-up's prompt starts with the previous prompt a
 may write a word in other tokens than its text tokenizes into (a random test model nearly always does); a caller that
 kept the tokens it wrote can pass them (`Turn.answer_ids`) to keep the cache for those answers too.
 
-When the conversation does not fit in n_ctx with room for the answer, the oldest turns are left out, whole and with
-their images; the current turn is never cut.
+The answer's room adapts: the whole conversation is kept while it leaves the answer at least `answer_floor` positions
+(a quarter of the longest answer asked for), the answer getting what is left up to that longest. Only below the floor
+are the oldest turns left out, whole and with their images (the current turn is never cut); the pipeline leaves them
+in blocks of half the context, so the room grows back to the full answer once a block has left.
 
 Images need not all cost the same: `image_rows` may be a function of the image key (UReader: 65·(1 + rows·cols)
 positions for a global view and the crops of its grid). When the current turn does not fit even alone, the
@@ -51,6 +53,7 @@ ImageRows = int | Callable[[str], int]
 N_CTX = 2048
 MAX_NEW_TOKENS = 512
 MIN_NEW_TOKENS = 16  # the least room for an answer that still makes a turn worth sending
+ANSWER_FLOOR_SHARE = 4  # old turns leave the prompt only when less than 1/4 of the longest answer would fit
 IMAGE_ROWS = 65  # OwlConfig.image_rows: 64 queries + vit_eos
 BOS_ID = 1
 
@@ -173,6 +176,12 @@ class _Parts:
         self.n_images += 1
 
 
+def answer_floor(max_new_tokens: int, min_new_tokens: int = MIN_NEW_TOKENS) -> int:
+    """The least room the answer keeps before old turns leave the prompt: a share of the longest answer asked for
+    (128 of 512), at least `min_new_tokens` and at most the longest answer."""
+    return min(max_new_tokens, max(min_new_tokens, max_new_tokens // ANSWER_FLOOR_SHARE))
+
+
 def _rows_fn(rows: ImageRows) -> Callable[[str], int]:
     if isinstance(rows, int):
         return lambda _key: rows
@@ -206,9 +215,10 @@ def build_prompt(
 ) -> Prompt:
     """Segments for the conversation `turns`, the last of which is the question being asked (answer None).
 
-    Room for `max_new_tokens` of answer is kept, capped so that the current turn alone fits with at least
-    `min_new_tokens` to spare (at the first level of detail, of `image_rows` then each of `reduced_image_rows`, at
-    which it fits); older turns are then added newest first while they fit, and the rest are dropped.
+    The current turn must fit with at least `min_new_tokens` to spare (at the first level of detail, of `image_rows`
+    then each of `reduced_image_rows`, at which it fits); older turns are then added newest first while they leave
+    the answer `answer_floor(max_new_tokens, min_new_tokens)` (or all the room the current turn leaves, if less), and
+    the rest are dropped. The answer gets the room left, up to `max_new_tokens` (`Prompt.max_new_tokens`).
     With `drop_old_turns` False every turn is kept and the answer gets what room is left (at least
     `min_new_tokens`), or ContextFull is raised: for callers that must not lose history silently (the API).
     With `drop_block` > 0, turns are left out in blocks of at least that many positions, counted from the start of
@@ -274,10 +284,10 @@ def build_prompt(
                 best[1] + min_new_tokens,
                 n_ctx,
             )
-    reserve = min(max_new_tokens, n_ctx - best[1])
+    floor = min(answer_floor(max_new_tokens, min_new_tokens), n_ctx - best[1])
     while first > 0:
         candidate = plan(first - 1, level)
-        if candidate[1] + reserve > n_ctx:
+        if candidate[1] + floor > n_ctx:
             break
         best, first = candidate, first - 1
     if drop_block > 0 and first > 0:
