@@ -342,8 +342,9 @@ class ChatPipeline:
         return prompt, segments, timings
 
     def _spelling(self, text: str, ids: Sequence[int]) -> tuple[int, ...] | None:
-        """The shortest prefix of `ids` whose text is `text` (both stripped), or None: the tokens a model wrote go
-        on past its answer's text when a stop text cut it, and may not be this model's tokens at all."""
+        """The shortest prefix of `ids` whose text is `text` (stripped; the tokens' text may only start with spaces),
+        or None: the tokens a model wrote go on past its answer's text when a stop text cut it (a token holding the
+        cut, e.g. ".\n", spells no prefix: the text's own tokens are used), and may not be this model's tokens."""
         want = text.strip()
         if not want or not ids or not all(isinstance(t, int) and 0 <= t < self.llm.n_vocab for t in ids):
             return None
@@ -352,7 +353,7 @@ class ChatPipeline:
             spelled += self.llm.token_bytes(t)
             if len(spelled) < len(want):  # each character takes a byte at least (U+FFFD: one or more bad bytes)
                 continue
-            got = spelled.decode("utf-8", "replace").strip()
+            got = spelled.decode("utf-8", "replace").lstrip()
             if got == want:
                 return tuple(ids[:k])
             if len(got) > len(want) + 4:  # past the answer (a UTF-8 tail shows as one U+FFFD): no prefix spells it
