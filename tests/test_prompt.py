@@ -9,7 +9,15 @@ import sentencepiece as spm
 
 from owl_desktop.bundle import DEFAULT_SYSTEM, PromptTemplate
 from owl_desktop.devtools.tiny_checkpoint import train_tokenizer
-from owl_desktop.engine.prompt import ImageSegment, Prompt, TextSegment, Turn, build_prompt, render_text
+from owl_desktop.engine.prompt import (
+    ImageSegment,
+    Prompt,
+    TextSegment,
+    Turn,
+    answer_floor,
+    build_prompt,
+    render_text,
+)
 from owl_desktop.errors import ContextFull, PromptError
 
 SYS = DEFAULT_SYSTEM
@@ -30,10 +38,22 @@ def encode(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
     return list(sp.encode(text))  # no BOS: SentencePiece adds none unless asked
 
 
-def reference_ids(sp: spm.SentencePieceProcessor, text: str, rows: int = 65) -> list[int]:
-    """The reference processor's _tokenize_prompt, written out: BOS, then each chunk split at <image>."""
+def chunks(text: str, answers: list[str]) -> list[str]:
+    """The prompt text's chunks: split at <image> as the reference processor does, and (where ours differs from it)
+    around each earlier answer, which is tokenized on its own, as is the text after it."""
+    for a in answers:
+        text = text.replace(f"AI: {a}\n", f"AI: <cut>{a}<cut>\n", 1)
+    return [c for c in re.split("(<image>|<cut>)", text) if c and c != "<cut>"]
+
+
+def answers_of(turns: list[Turn]) -> list[str]:
+    return [t.answer.strip() for t in turns if t.answer is not None]
+
+
+def reference_ids(sp: spm.SentencePieceProcessor, text: str, answers: list[str], rows: int = 65) -> list[int]:
+    """The reference processor's _tokenize_prompt, written out: BOS, then each chunk on its own."""
     ids = [1]
-    for chunk in [c for c in re.split("(<image>)", text) if c]:
+    for chunk in chunks(text, answers):
         ids += [-1] * rows if chunk == "<image>" else encode(sp, chunk)
     return ids
 
@@ -98,7 +118,7 @@ def test_custom_system_and_whitespace() -> None:
 def test_ids_match_reference_processor(sp: spm.SentencePieceProcessor, turns: list[Turn]) -> None:
     prompt = build_prompt(turns, lambda t: encode(sp, t))
     assert prompt.text == render_text(turns)
-    assert prompt.input_ids() == reference_ids(sp, prompt.text)
+    assert prompt.input_ids() == reference_ids(sp, prompt.text, answers_of(turns))
     assert prompt.n_positions == len(prompt.input_ids())
     assert prompt.dropped_turns == 0 and prompt.max_new_tokens == 512
     # segments alternate text / image, BOS once at the very start, images in order with their keys
@@ -122,6 +142,19 @@ def test_dummy_prefix_and_trailing_space(sp: spm.SentencePieceProcessor) -> None
         assert pieces == ["▁", "<0x0A>"]  # "\nHuman: …" tokenized alone: dummy prefix, then the newline byte
     assert sp.id_to_piece(texts[-1].ids[-1]) == "▁"  # "AI: " keeps its trailing space
     assert sp.decode(texts[0].ids[1:]) == f"{SYS}\nHuman: "  # the chunk before the image keeps its space
+
+
+def test_a_follow_up_starts_with_the_previous_prompt_then_the_answer_as_a_model_writes_it(
+    sp: spm.SentencePieceProcessor,
+) -> None:
+    tok = lambda t: encode(sp, t)  # noqa: E731
+    asked = build_prompt([Turn(["k"], Q1)], tok).input_ids()
+    follow = build_prompt([Turn(["k"], Q1, A1), Turn([], Q2)], tok).input_ids()
+    # what the KV cache holds after the first answer: its prompt ("…AI: " ends with "▁"), then the answer's tokens
+    assert follow[: len(asked)] == asked and sp.id_to_piece(asked[-1]) == "▁"
+    written = encode(sp, A1)  # a model trained on mPLUG-Owl's data writes "▁A", "▁cat", … after that "▁"
+    assert follow[len(asked) : len(asked) + len(written)] == written
+    assert follow[len(asked) + len(written) :] == encode(sp, f"\nHuman: {Q2}\nAI: ")  # on its own, as after an image
 
 
 def test_tokenizer_sees_only_text_chunks(sp: spm.SentencePieceProcessor) -> None:
@@ -153,7 +186,7 @@ def test_custom_image_rows_and_bos(sp: spm.SentencePieceProcessor) -> None:
 
 
 def cost(sp: spm.SentencePieceProcessor, turns: list[Turn], system: str = SYS) -> int:
-    return len(reference_ids(sp, render_text(turns, system=system)))
+    return len(reference_ids(sp, render_text(turns, system=system), answers_of(turns)))
 
 
 def long_conversation(n: int) -> list[Turn]:
@@ -170,12 +203,14 @@ def test_drops_oldest_turns_to_fit(sp: spm.SentencePieceProcessor) -> None:
     prompt = build_prompt(turns, lambda t: encode(sp, t), n_ctx=n_ctx, max_new_tokens=reserve)
     k = prompt.dropped_turns
     assert 0 < k < len(turns) - 1
-    # independent check: the kept turns are the longest suffix that fits with the answer's room
+    # independent check: the kept turns are the longest suffix that leaves the answer its floor (a quarter of 128)
+    floor = answer_floor(reserve)
+    assert floor == 32
     assert prompt.text == render_text(turns[k:])
-    assert prompt.input_ids() == reference_ids(sp, prompt.text)
-    assert prompt.n_positions == cost(sp, turns[k:]) and prompt.n_positions + reserve <= n_ctx
-    assert cost(sp, turns[k - 1 :]) + reserve > n_ctx
-    assert prompt.max_new_tokens == reserve
+    assert prompt.input_ids() == reference_ids(sp, prompt.text, answers_of(turns[k:]))
+    assert prompt.n_positions == cost(sp, turns[k:]) and prompt.n_positions + floor <= n_ctx
+    assert cost(sp, turns[k - 1 :]) + floor > n_ctx
+    assert prompt.max_new_tokens == min(reserve, n_ctx - prompt.n_positions)
     assert prompt.image_keys[-1] == "img-now"
     assert prompt.image_keys == [key for t in turns[k:] for key in t.images]
 
@@ -201,6 +236,39 @@ def test_old_turns_leave_in_blocks_so_the_prefix_stays_the_same(sp: spm.Sentence
     assert changes[0] > 2 * changes[1] > 0
 
 
+def test_the_answer_room_shrinks_to_its_floor_before_old_turns_leave_and_grows_back(
+    sp: spm.SentencePieceProcessor,
+) -> None:
+    """A growing conversation, built as the pipeline builds it (old turns leave in blocks of half the context)."""
+    n_ctx, longest, block = 1200, 256, 600
+    floor = answer_floor(longest)
+    assert floor == 64
+    grown = long_conversation(30)
+    history, asked = grown[:-1], grown[-1]
+    rooms: list[tuple[int, int]] = []  # (turns left out, room for the answer) at each turn
+    for n in range(len(history) + 1):
+        turns = [*history[:n], asked]
+        prompt, one_by_one = (
+            build_prompt(turns, lambda t: encode(sp, t), n_ctx=n_ctx, max_new_tokens=longest, drop_block=step)
+            for step in (block, 0)
+        )
+        k, least = prompt.dropped_turns, one_by_one.dropped_turns
+        assert prompt.max_new_tokens == min(longest, n_ctx - prompt.n_positions) >= floor
+        if least:  # turns leave only when keeping one more would cut the answer's room below its floor
+            assert cost(sp, turns[least - 1 :]) + floor > n_ctx
+        assert k >= least and (k == 0) == (least == 0)
+        rooms.append((k, prompt.max_new_tokens))
+    print("(turns left out, answer room) per turn:", rooms)
+    drops = [i for i in range(1, len(rooms)) if rooms[i][0] > rooms[i - 1][0]]
+    assert len(drops) >= 2
+    for start, drop in zip([0, *drops], drops, strict=False):
+        kept = [room for _, room in rooms[start:drop]]
+        # with the same turns kept, the room shrank from the longest answer towards its floor, turn by turn …
+        assert kept[0] == longest and kept == sorted(kept, reverse=True) and kept[-1] < longest
+        # … until a block of old turns left, and the room grew back to the longest answer
+        assert rooms[drop][1] == longest
+
+
 def test_keeping_every_turn_refuses_what_cannot_fit(sp: spm.SentencePieceProcessor) -> None:
     turns = long_conversation(12)
     needed = cost(sp, turns) + 16
@@ -222,9 +290,9 @@ def test_nothing_dropped_when_it_fits(sp: spm.SentencePieceProcessor) -> None:
 
 def test_answer_room_is_capped_so_the_current_turn_fits(sp: spm.SentencePieceProcessor) -> None:
     n = next(n for n in range(1, 40) if cost(sp, [Turn(["k"] * n, Q3)]) > 2048 - 512)  # the answer's room is cut
-    turns = [Turn(["old"], Q1, A1), Turn([f"k{i}" for i in range(n)], Q3)]
+    turns = [Turn([f"old{i}" for i in range(8)], Q1, A1), Turn([f"k{i}" for i in range(n)], Q3)]
     current = cost(sp, turns[-1:])
-    assert 2048 - 512 < current < 2048 - 16
+    assert 2048 - 512 < current < 2048 - 16 and cost(sp, turns) + answer_floor(512) > 2048
     prompt = build_prompt(turns, lambda t: encode(sp, t))
     assert prompt.dropped_turns == 1
     assert prompt.n_positions == current
@@ -280,7 +348,7 @@ def test_each_image_counts_its_own_positions_ureader_form(sp: spm.SentencePieceP
     text = f"Human: <image>\nHuman: {Q1}\nAI: {A1}\nHuman: <image>\nHuman: {Q2}\nAI: "
     assert prompt.text == text and prompt.dropped_turns == 0 and prompt.image_level == 0
     want = [1]
-    for chunk in [c for c in re.split("(<image>)", text) if c]:
+    for chunk in chunks(text, [A1]):
         if chunk == "<image>":
             want += [-1] * 65 * views["receipt" if want.count(-1) == 0 else "card"]
         else:

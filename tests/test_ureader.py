@@ -10,6 +10,7 @@ then each crop, 65 rows per view with nothing in between (the reference processo
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,17 +108,19 @@ def test_the_release_layout_converts_to_a_ureader_bundle(tiny: dict[str, Path]) 
 def reference_embeds(
     text: str, images: list[Path], pipe: ChatPipeline, reference: tuple[torch.nn.Module, spm.SentencePieceProcessor]
 ) -> torch.Tensor:
-    """[1, T, n_embd]: BOS, each text chunk tokenized on its own, each <image> replaced by all its views' rows."""
+    """[1, T, n_embd]: BOS, each text chunk tokenized on its own (chunks end at each <image> and <cut>), each <image>
+    replaced by all its views' rows."""
     model, sp = reference
-    chunks = text.split("<image>")
-    assert len(chunks) == len(images) + 1
+    chunks = [c for c in re.split("(<image>|<cut>)", text) if c and c != "<cut>"]
+    assert chunks.count("<image>") == len(images)
     table = model.get_input_embeddings().weight
     parts = [table[[1]]]
-    for i, chunk in enumerate(chunks):
-        if chunk:
+    pictures = iter(images)
+    for chunk in chunks:
+        if chunk == "<image>":
+            parts.append(torch.from_numpy(pipe.image_rows(next(pictures))))
+        else:
             parts.append(table[sp.encode(chunk)])
-        if i < len(images):
-            parts.append(torch.from_numpy(pipe.image_rows(images[i])))
     return torch.cat(parts).unsqueeze(0)
 
 
@@ -151,7 +154,7 @@ CASES = {
         [(["banner"], "What does it say?", "Sale.")],
         [],
         "When?",
-        "Human: <image>\nHuman: What does it say?\nAI: Sale.\nHuman: When?\nAI: ",
+        "Human: <image>\nHuman: What does it say?\nAI: <cut>Sale.<cut>\nHuman: When?\nAI: ",  # answer: own chunk
     ),
 }
 

@@ -407,7 +407,10 @@ class ChatService:
         earlier = [m for m in messages if question is None or m.seq < question.seq]
         # an answer stopped before its first word is no exchange: its question (and images) stay out of the prompt
         pairs = [p for p in qa_pairs(earlier) if p.answer.text.strip()]
-        return [HistoryTurn(self._sources(p.question), p.question.text, p.answer.text) for p in pairs]
+        return [
+            HistoryTurn(self._sources(p.question), p.question.text, p.answer.text, _token_ids(p.answer.meta))
+            for p in pairs
+        ]
 
     def _sources(self, msg: Message) -> list[HashedImage]:
         """A message's images for the engine: the store knows their sha256, so a cached one is never read again."""
@@ -559,6 +562,12 @@ def _empty_record() -> AnswerRecord:
     return AnswerRecord(stop_reason="cancelled")
 
 
+def _token_ids(meta: dict[str, Any]) -> list[int]:
+    """The tokens the model wrote for a stored answer (none for answers imported or saved before they were kept)."""
+    ids = meta.get("token_ids")
+    return ids if isinstance(ids, list) and all(isinstance(t, int) for t in ids) else []
+
+
 def _record_meta(record: AnswerRecord) -> dict[str, Any]:
     """What the UI shows about an answer (and what the history keeps of it)."""
     return {
@@ -572,6 +581,7 @@ def _record_meta(record: AnswerRecord) -> dict[str, Any]:
         "context_size": record.context_size,
         "reused_positions": record.reused_positions,
         "dropped_turns": record.dropped_turns,
+        "token_ids": list(record.token_ids),  # the prompt of a follow-up holds the answer in these tokens
         "notices": list(record.notices),
         "images": [
             {"name": t.name, "sha256": t.sha256, "encode_ms": round(t.encode_ms, 1), "cached": t.cached, "grid": t.grid}

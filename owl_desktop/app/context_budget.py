@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from owl_desktop.engine.doc_crops import plan_views
-from owl_desktop.engine.prompt import MIN_NEW_TOKENS
+from owl_desktop.engine.prompt import MIN_NEW_TOKENS, answer_floor
 from owl_desktop.model_family import ImagePlan
 
 BYTES_PER_TOKEN = 3  # a cautious average for SentencePiece on English and code: the estimate errs high
@@ -43,7 +43,8 @@ class Budget:
     used: int  # positions the conversation took at its last answer (0 in a new chat)
     size: int  # the model's context
     answer_room: int = MIN_NEW_TOKENS  # the least room an answer needs
-    answer_wanted: int = MIN_NEW_TOKENS  # the room the settings ask for (the longest answer): old turns give way to it
+    answer_wanted: int = MIN_NEW_TOKENS  # the longest answer the settings ask for: its room shrinks to a floor (a
+    # quarter of it) before old turns give way, as the prompt builder does (engine/prompt.answer_floor)
 
     @property
     def cost(self) -> int:
@@ -60,10 +61,21 @@ class Budget:
         return self.least_image_cost + self.text_cost + self.answer_room <= self.size
 
     @property
+    def answer_floor(self) -> int:
+        """The least room the answer keeps before old turns leave (or all the room the message alone leaves)."""
+        return max(self.answer_room, min(answer_floor(self.answer_wanted, self.answer_room), self.size - self.cost))
+
+    @property
     def keeps_history(self) -> bool:
-        """Whether the whole conversation stays in the model's view with it: the prompt builder keeps old turns only
-        with room for the answer the settings ask for (or all the room the message alone leaves)."""
-        return self.left >= max(self.answer_room, min(self.answer_wanted, self.size - self.cost))
+        """Whether the whole conversation stays in the model's view with it: the prompt builder keeps old turns while
+        they leave the answer its floor."""
+        return self.left >= self.answer_floor
+
+    @property
+    def longest_answer(self) -> int:
+        """The longest answer the message gets with the whole conversation kept (less than the settings' when the
+        conversation takes the room)."""
+        return max(0, min(self.answer_wanted, self.left))
 
     def images_to_remove(self, costs: Sequence[int]) -> int:
         """How many images (the costliest first) must go for the message to fit alone."""
@@ -119,4 +131,6 @@ def describe(b: Budget, least: Sequence[int]) -> tuple[str, str]:
             f"{line}. The conversation no longer fits with it: its oldest questions will leave the model's view. "
             "A new chat (Ctrl+N keeps this draft) gives it the whole context."
         )
+    if b.longest_answer < b.answer_wanted:
+        return "ok", f"{line} (answers up to {b.longest_answer} tokens, to keep the whole conversation in view)"
     return "ok", line

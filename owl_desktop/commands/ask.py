@@ -195,5 +195,5 @@ def run_chat(args: argparse.Namespace) -> int:
                 continue
             print_notes(answer.record)
             pending = []  # kept until a question using them got its answer
-            history.append(HistoryTurn(images, question, answer.record.text))
+            history.append(HistoryTurn(images, question, answer.record.text, answer.record.token_ids))
             last = (images, question)

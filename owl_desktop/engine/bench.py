@@ -114,7 +114,7 @@ def run(
         # follow-up with KV reuse vs the same conversation from scratch
         base = pipe.ask([image], QUESTION, sampling=_greedy(32))
         base.read()
-        history = [HistoryTurn([image], QUESTION, base.record.text)]
+        history = [HistoryTurn([image], QUESTION, base.record.text, base.record.token_ids)]
         follow, scratch = [], []
         for _ in range(repeats):
             pipe.llm.reset()

@@ -71,11 +71,17 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class HistoryTurn:
-    """An earlier exchange of the conversation, as the app exports it."""
+    """An earlier exchange of the conversation, as the app exports it.
+
+    `answer_ids`: the tokens the model wrote for the answer (`AnswerRecord.token_ids`), when the caller kept them.
+    Where a prefix of them spells the answer's text exactly, the prompt holds those tokens instead of the text's own
+    tokenization, so a follow-up reuses the answer's KV cache even where the model wrote a word in unusual tokens.
+    """
 
     images: Sequence[ImageSource]
     question: str
     answer: str
+    answer_ids: Sequence[int] = ()
 
 
 @dataclass
@@ -298,7 +304,10 @@ class ChatPipeline:
                 out.append(sha)
             return out
 
-        turns = [prompt_mod.Turn(keys_of(h.images), h.question, h.answer) for h in history]
+        turns = [
+            prompt_mod.Turn(keys_of(h.images), h.question, h.answer, self._spelling(h.answer, h.answer_ids))
+            for h in history
+        ]
         turns.append(prompt_mod.Turn(keys_of(images), question))
         crops = self.bundle.image_plan.crops
         decoded = self._learn_sizes(keyed, task) if crops else {}
@@ -331,6 +340,25 @@ class ChatPipeline:
             assert rows is not None and rows.shape[0] == seg.rows
             segments.append(Embeddings(rows, f"{self.bundle.id}:{key}"))
         return prompt, segments, timings
+
+    def _spelling(self, text: str, ids: Sequence[int]) -> tuple[int, ...] | None:
+        """The shortest prefix of `ids` whose text is `text` (stripped; the tokens' text may only start with spaces),
+        or None: the tokens a model wrote go on past its answer's text when a stop text cut it (a token holding the
+        cut, e.g. ".\n", spells no prefix: the text's own tokens are used), and may not be this model's tokens."""
+        want = text.strip()
+        if not want or not ids or not all(isinstance(t, int) and 0 <= t < self.llm.n_vocab for t in ids):
+            return None
+        spelled = b""
+        for k, t in enumerate(ids, start=1):
+            spelled += self.llm.token_bytes(t)
+            if len(spelled) < len(want):  # each character takes a byte at least (U+FFFD: one or more bad bytes)
+                continue
+            got = spelled.decode("utf-8", "replace").lstrip()
+            if got == want:
+                return tuple(ids[:k])
+            if len(got) > len(want) + 4:  # past the answer (a UTF-8 tail shows as one U+FFFD): no prefix spells it
+                return None
+        return None
 
     def _encode_prompt_images(
         self, prompt: prompt_mod.Prompt, keyed: dict[str, _Keyed], task: Task | None

@@ -14,8 +14,20 @@ Chunks are cut where the conversation has images, never by searching the text fo
 "<image>" gets those characters as text, not a phantom image slot (the reference would make one). Questions and
 answers are stripped of surrounding whitespace.
 
-When the conversation does not fit in n_ctx with room for the answer, the oldest turns are left out, whole and with
-their images; the current turn is never cut.
+An earlier answer is a chunk of its own, and so is the text after it ("\nHuman: …"), where the reference processor
+tokenizes "AI: {a1}\nHuman: …" as one chunk. The reason is the KV cache: when a1 was written, the prompt ended with
+"AI: " (`:` `▁`) and the model's tokens came after that `▁`; one chunk "AI: a1" would merge them into `▁a1` instead,
+so a follow-up's positions would part from the cache at the last position of the previous prompt and the whole
+previous answer would be prefilled again. Tokenized on its own, the answer gets its dummy-prefix `▁`, which is the
+token form mPLUG-Owl was trained on (its training split cuts at 'AI: ' and '\nHuman: ', mplug-owl-reference.md §4) and
+writes after "AI: ", so the follow-up's prompt starts with the previous prompt and answer token for token. A model
+may write a word in other tokens than its text tokenizes into (a random test model nearly always does); a caller that
+kept the tokens it wrote can pass them (`Turn.answer_ids`) to keep the cache for those answers too.
+
+The answer's room adapts: the whole conversation is kept while it leaves the answer at least `answer_floor` positions
+(a quarter of the longest answer asked for), the answer getting what is left up to that longest. Only below the floor
+are the oldest turns left out, whole and with their images (the current turn is never cut); the pipeline leaves them
+in blocks of half the context, so the room grows back to the full answer once a block has left.
 
 Images need not all cost the same: `image_rows` may be a function of the image key (UReader: 65·(1 + rows·cols)
 positions for a global view and the crops of its grid). When the current turn does not fit even alone, the
@@ -41,22 +53,30 @@ ImageRows = int | Callable[[str], int]
 N_CTX = 2048
 MAX_NEW_TOKENS = 512
 MIN_NEW_TOKENS = 16  # the least room for an answer that still makes a turn worth sending
+ANSWER_FLOOR_SHARE = 4  # old turns leave the prompt only when less than 1/4 of the longest answer would fit
 IMAGE_ROWS = 65  # OwlConfig.image_rows: 64 queries + vit_eos
 BOS_ID = 1
 
 
 @dataclass(frozen=True)
 class Turn:
-    """One exchange: images (their keys, e.g. sha256, in order), the question, and the answer (None while asked)."""
+    """One exchange: images (their keys, e.g. sha256, in order), the question, and the answer (None while asked).
+
+    `answer_ids`, when given, are the tokens the model wrote for the answer, which the caller has checked spell its
+    text (a model's tokens need not be the ones its text tokenizes into); they stand for the answer in the prompt.
+    """
 
     images: Sequence[str]
     question: str
     answer: str | None = None
+    answer_ids: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.images, str):
             raise TypeError("Turn.images is a sequence of image keys, not one string")
         object.__setattr__(self, "images", tuple(self.images))
+        if self.answer_ids is not None:
+            object.__setattr__(self, "answer_ids", tuple(self.answer_ids))
 
 
 @dataclass(frozen=True)
@@ -117,11 +137,20 @@ class Prompt:
         return out
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """An earlier answer: tokenized on its own, never merged with the text around it (see the module doc), or the
+    tokens the model wrote for it."""
+
+    text: str
+    ids: Sequence[int] | None = None
+
+
 @dataclass
 class _Parts:
-    """Text and images in order; consecutive texts are merged, so texts and images alternate."""
+    """Text, answers and images in order; consecutive texts are merged (an answer is never merged)."""
 
-    items: list[str | ImageSegment] = field(default_factory=list)
+    items: list[str | _Answer | ImageSegment] = field(default_factory=list)
     n_images: int = 0
 
     def text(self, s: str) -> None:
@@ -132,11 +161,25 @@ class _Parts:
         else:
             self.items.append(s)
 
+    def answer(self, s: str, ids: Sequence[int] | None) -> None:
+        if s:
+            self.items.append(_Answer(s, ids))
+
+    def render(self, image: str) -> str:
+        """The prompt's text, `image` standing for each image."""
+        return "".join(i if isinstance(i, str) else i.text if isinstance(i, _Answer) else image for i in self.items)
+
     def image(self, key: str, rows: int, level: int) -> None:
         if rows <= 0:
             raise ValueError(f"image {key} would take {rows} positions")
         self.items.append(ImageSegment(key, self.n_images, rows, level))
         self.n_images += 1
+
+
+def answer_floor(max_new_tokens: int, min_new_tokens: int = MIN_NEW_TOKENS) -> int:
+    """The least room the answer keeps before old turns leave the prompt: a share of the longest answer asked for
+    (128 of 512), at least `min_new_tokens` and at most the longest answer."""
+    return min(max_new_tokens, max(min_new_tokens, max_new_tokens // ANSWER_FLOOR_SHARE))
 
 
 def _rows_fn(rows: ImageRows) -> Callable[[str], int]:
@@ -152,8 +195,7 @@ def render_text(turns: Sequence[Turn], template: PromptTemplate | None = None, s
     """
     tpl = template or PromptTemplate()
     full = _rows_fn(IMAGE_ROWS)
-    parts = _layout(turns, tpl, tpl.system if system is None else system, full, full, 0)
-    return "".join(i if isinstance(i, str) else tpl.image for i in parts.items)
+    return _layout(turns, tpl, tpl.system if system is None else system, full, full, 0).render(tpl.image)
 
 
 def build_prompt(
@@ -173,9 +215,10 @@ def build_prompt(
 ) -> Prompt:
     """Segments for the conversation `turns`, the last of which is the question being asked (answer None).
 
-    Room for `max_new_tokens` of answer is kept, capped so that the current turn alone fits with at least
-    `min_new_tokens` to spare (at the first level of detail, of `image_rows` then each of `reduced_image_rows`, at
-    which it fits); older turns are then added newest first while they fit, and the rest are dropped.
+    The current turn must fit with at least `min_new_tokens` to spare (at the first level of detail, of `image_rows`
+    then each of `reduced_image_rows`, at which it fits); older turns are then added newest first while they leave
+    the answer `answer_floor(max_new_tokens, min_new_tokens)` (or all the room the current turn leaves, if less), and
+    the rest are dropped. The answer gets the room left, up to `max_new_tokens` (`Prompt.max_new_tokens`).
     With `drop_old_turns` False every turn is kept and the answer gets what room is left (at least
     `min_new_tokens`), or ContextFull is raised: for callers that must not lose history silently (the API).
     With `drop_block` > 0, turns are left out in blocks of at least that many positions, counted from the start of
@@ -204,17 +247,22 @@ def build_prompt(
         parts = _layout(turns[first:], tpl, sys_text, levels[0], levels[level], level)
         segments: list[Segment] = []
         for item in parts.items:
-            if isinstance(item, str):
-                ids = ids_of(item)
-                if not segments:
-                    ids = [bos_id, *ids]
-                segments.append(TextSegment(ids))
-            else:
+            if isinstance(item, ImageSegment):
                 if not segments:  # an image first (empty system): BOS still comes first
                     segments.append(TextSegment([bos_id]))
                 segments.append(item)
-        text = "".join(i if isinstance(i, str) else tpl.image for i in parts.items)
-        return segments, sum(s.n_positions for s in segments), text
+                continue
+            if isinstance(item, str):
+                ids = ids_of(item)
+            else:
+                ids = list(item.ids) if item.ids is not None else ids_of(item.text)
+            if not segments:
+                ids = [bos_id, *ids]
+            if segments and isinstance(segments[-1], TextSegment):  # text after an answer: one token batch
+                segments[-1] = TextSegment([*segments[-1].ids, *ids])
+            else:
+                segments.append(TextSegment(ids))
+        return segments, sum(s.n_positions for s in segments), parts.render(tpl.image)
 
     last = len(turns) - 1
     for level in range(len(levels)):
@@ -236,10 +284,10 @@ def build_prompt(
                 best[1] + min_new_tokens,
                 n_ctx,
             )
-    reserve = min(max_new_tokens, n_ctx - best[1])
+    floor = min(answer_floor(max_new_tokens, min_new_tokens), n_ctx - best[1])
     while first > 0:
         candidate = plan(first - 1, level)
-        if candidate[1] + reserve > n_ctx:
+        if candidate[1] + floor > n_ctx:
             break
         best, first = candidate, first - 1
     if drop_block > 0 and first > 0:
@@ -279,7 +327,7 @@ def _layout(
             sep = "\n"
         parts.text(sep + tpl.human + turn.question.strip() + "\n" + tpl.ai)
         if turn.answer is not None:
-            parts.text(turn.answer.strip())
+            parts.answer(turn.answer.strip(), turn.answer_ids)
         sep = "\n"
     return parts
 
