@@ -99,7 +99,7 @@ def test_catalog_lists_the_releases_with_sizes_per_quantization() -> None:
         fps = e.footprints(2048)
         assert [f.quant for f in fps] == ["Q4_K_M", "Q5_K_M", "Q8_0", "F16", "F32"]
         assert all(a.bundle < b.bundle and a.ram < b.ram for a, b in zip(fps, fps[1:], strict=False))
-        assert fps[0].kv_cache == 2 * 32 * 2048 * 4096 * 2  # f16 K and V, 32 layers, 2048 positions: 1 GiB
+        assert fps[0].kv_cache == 2 * 32 * 2048 * 4096 * 34 // 32  # q8_0 K and V (the default), 32 layers, 2048 positions
         assert 3.7e9 < fps[0].llm_file < 4.3e9  # LLaMA-7B Q4_K_M is ~4.08 GB
     assert {"pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"} <= set(CATALOG[1].files)
     doc = lookup(ureader)
@@ -130,7 +130,7 @@ def test_preflight_recommends_a_quantization_and_says_when_it_will_not_fit(tmp_p
     laptop = run(MemoryInfo(16 * GiB, 10 * GiB), 500 * GiB)
     assert laptop.fits and laptop.recommended == "Q4_K_M"  # type: ignore[attr-defined]
     assert not laptop.option("F32").fits and laptop.option("Q8_0").fits  # type: ignore[attr-defined]
-    f16 = run(MemoryInfo(16 * GiB, 10 * GiB), 500 * GiB, quant="F16")
+    f16 = run(MemoryInfo(14 * GiB, 10 * GiB), 500 * GiB, quant="F16")
     assert not f16.memory_ok and "F16 will NOT fit" in f16.summary()  # type: ignore[attr-defined]
     tiny_ram = run(MemoryInfo(4 * GiB, 3 * GiB), 500 * GiB)
     assert tiny_ram.recommended is None and not tiny_ram.fits  # type: ignore[attr-defined]

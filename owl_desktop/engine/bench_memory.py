@@ -199,5 +199,21 @@ def run(bundle: str, configs: list[str], tokens: int, llm: Any, image: Path) -> 
         f"({lowest_peak:.2f} GB); {runs[0].prefill_positions} prompt positions, {runs[0].decode_tokens} tokens; "
         f"context {llm.n_ctx}, KV {llm.kv_type}, flash attention {llm.flash_attn}; backend: {runs[0].backend}"
     )
+    lines.append(_preflight_line(b, llm, runs))
     lines.append(json.dumps([asdict(r) for r in runs]))
     return "\n".join(lines)
+
+
+def _preflight_line(b: Any, llm: Any, runs: list[MemoryRun]) -> str:
+    """What "Fits this computer" and `models preflight` would have said for this bundle, against the peak measured."""
+    from owl_desktop.hub.estimates import QUANT_ORDER, WINDOW_RUNTIME, ModelFacts, footprint
+
+    if b.quant not in QUANT_ORDER:
+        return f"preflight: no estimate for {b.quant}"
+    fp = footprint(ModelFacts.from_config(b.config), b.quant, llm.n_ctx, llm.n_batch, llm.kv_type)
+    engine = (fp.ram - WINDOW_RUNTIME) / 1e9  # the bench runs the engine without the window
+    peak = min(r.peak_gb for r in runs)
+    return (
+        f"preflight estimate for this bundle without the window: {engine:.2f} GB "
+        f"({engine / peak:.2f}x the lowest peak measured; with the window {fp.ram / 1e9:.2f} GB)"
+    )

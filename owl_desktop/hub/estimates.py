@@ -5,14 +5,17 @@ config.json we can read); the catalog uses the released 7B model's config (LLaMA
 
 Disk: the bundle is the GGUF (params x bits / 8 + vocabulary metadata) plus vision.safetensors in fp16; converting
 to a k-quant first writes a 16-bit GGUF next to it (removed afterwards), so the peak is larger than the bundle.
-Memory (CPU run): the GGUF weights + the f16 KV cache at the context size + llama.cpp's compute buffers + the
-vision encoder in fp32 + the runtime (Python, torch, Qt). GPU run: the same on the GPU with the vision side in fp16.
+Memory (CPU run), calibrated with `owl-desktop bench memory` on the 7B-shaped bundle (README "Measured here"): the
+GGUF weights (memory-mapped, counted once) + the KV cache in the engine's default type at the context size +
+llama.cpp's compute buffers + the vision weights in 16 bits (held so on every CPU) and one image's activations + the
+runtime (Python, torch, the llama.cpp and torch libraries' resident pages, Qt). GPU run: the same on the GPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from owl_desktop.engine.options import KV_TYPES_NEEDING_FLASH_ATTN, LlmSettings
 from owl_desktop.model_config import OwlConfig
 
 # Average bits per weight of a LLaMA-7B GGUF in each type (file size / parameters, llama.cpp's published sizes:
@@ -21,13 +24,18 @@ from owl_desktop.model_config import OwlConfig
 BITS_PER_WEIGHT: dict[str, float] = {"F32": 32.0, "F16": 16.0, "Q8_0": 8.5, "Q5_K_M": 5.7, "Q4_K_M": 4.9}
 QUANT_ORDER: tuple[str, ...] = ("Q4_K_M", "Q5_K_M", "Q8_0", "F16", "F32")  # smallest first
 
-KV_BYTES = 2  # f16 K and V cache entries (the engine's default kv_type)
+# bytes per K or V cache entry of each cache type (q8_0: 32 values in 34 bytes; q4_0: 32 in 18)
+KV_ENTRY_BYTES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 VOCAB_METADATA_BYTES = 64  # per token: its string, score and type in the GGUF metadata
 CONVERSION_MARGIN = 1.05
 CONVERSION_SLACK = 32 << 20
-RUNTIME_OVERHEAD = 768 << 20  # Python, torch, llama.cpp and the app itself, measured loosely
+# Measured (bench memory, 7B shape): Python + torch after import 0.23 GB, the libraries' pages touched while a model
+# loads, encodes and answers 0.14 GB more; the window (Qt) adds ~0.1 GB.
+ENGINE_RUNTIME = 352 << 20
+WINDOW_RUNTIME = 96 << 20
+RUNTIME_OVERHEAD = ENGINE_RUNTIME + WINDOW_RUNTIME
 GPU_CONTEXT_OVERHEAD = 384 << 20  # CUDA context and allocator slack
-VISION_ACTIVATIONS = 128 << 20  # one 224x224 image through ViT-L/14 + abstractor
+VISION_ACTIVATIONS = 64 << 20  # a batch of 224x224 views through ViT-L/14 + abstractor (one image: ~30 MB)
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,9 @@ class Footprint:
         return self.llm_file + self.vision_file
 
 
-def footprint(facts: ModelFacts, quant: str, n_ctx: int = 2048, n_batch: int = 512) -> Footprint:
+def footprint(
+    facts: ModelFacts, quant: str, n_ctx: int = 2048, n_batch: int = 512, kv_type: str = LlmSettings.kv_type
+) -> Footprint:
     if quant not in BITS_PER_WEIGHT:
         raise ValueError(f"unknown quantization {quant}")
     vocab = facts.n_vocab * VOCAB_METADATA_BYTES
@@ -116,10 +126,13 @@ def footprint(facts: ModelFacts, quant: str, n_ctx: int = 2048, n_batch: int = 5
     vision_file = facts.vision_params * (4 if quant == "F32" else 2)
     intermediate = 0 if quant in ("F32", "F16") else facts.llm_params * 2 + vocab
     peak = int((llm_file + vision_file + intermediate) * CONVERSION_MARGIN) + CONVERSION_SLACK
-    kv = 2 * facts.n_layers * n_ctx * facts.n_embd_kv * KV_BYTES
-    # logits and hidden states of one batch, plus the attention scores without flash attention
-    compute = n_batch * (facts.n_vocab + 8 * facts.n_embd) * 4 + n_ctx * n_batch * facts.n_head * 4
-    ram = llm_file + kv + compute + facts.vision_params * 4 + VISION_ACTIVATIONS + RUNTIME_OVERHEAD
+    kv = int(2 * facts.n_layers * n_ctx * facts.n_embd_kv * KV_ENTRY_BYTES[kv_type])
+    # hidden states of one batch and the last position's logits; without flash attention (an f16/f32 cache may run
+    # without it) also the attention scores of one batch against the whole context
+    compute = n_batch * 8 * facts.n_embd * 4 + facts.n_vocab * 4
+    if kv_type not in KV_TYPES_NEEDING_FLASH_ATTN:
+        compute += n_ctx * n_batch * facts.n_head * 4
+    ram = llm_file + kv + compute + facts.vision_params * 2 + VISION_ACTIVATIONS + RUNTIME_OVERHEAD
     vram = llm_file + kv + compute + facts.vision_params * 2 + VISION_ACTIVATIONS + GPU_CONTEXT_OVERHEAD
     return Footprint(quant, llm_file, vision_file, peak, kv, compute, ram, vram)
 
