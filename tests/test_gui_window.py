@@ -13,7 +13,7 @@ from PIL import Image
 pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import QObject, Qt, Slot  # noqa: E402
-from PySide6.QtWidgets import QDialog  # noqa: E402
+from PySide6.QtWidgets import QApplication, QDialog  # noqa: E402
 from test_gui import (  # noqa: E402, F401
     ANSWER_MS,
     ask,
@@ -448,3 +448,28 @@ def test_hovering_a_chat_offers_its_delete_button(qtbot, make_window) -> None:  
     assert window.sidebar.titles() == ["second chat"] and window.banner.action_button.text() == "Undo"
     window.finish_deletes()
     assert [c.id for c in store.list()] == [second.id] and first.id not in {c.id for c in store.list()}
+
+
+def test_welcome_cards_stay_put_when_the_fit_check_ends(qtbot, make_window) -> None:  # noqa: ANN001
+    window = make_window(with_model=False)
+    welcome = window.welcome
+    card = welcome.download_card
+    qtbot.waitUntil(lambda: window.models.runner.running() == [])
+
+    def settled() -> list[tuple[int, int, int, int]]:
+        for _ in range(3):
+            QApplication.processEvents()
+        return [c.geometry().getRect() for c in (card, welcome.demo_card, card.button, welcome.demo_card.button)]
+
+    for width, height in ((1100, 740), (720, 480)):
+        window.resize(width, height)
+        qtbot.waitUntil(lambda w=width: window.width() == w)
+        welcome.show_default_model()  # the page as it first shows: the fit is being checked
+        before = settled()
+        assert card.badge_texts()[0] == "checking this computer…"
+        welcome.check_fit()
+        qtbot.waitUntil(lambda: window.models.runner.running() == [])
+        after = settled()
+        assert card.badge_texts()[0] != "checking this computer…" and len(card.badge_texts()) >= 2
+        assert after == before, (width, before, after)
+        assert welcome.horizontalScrollBar().maximum() == 0  # nothing wider than the window, at 720 too

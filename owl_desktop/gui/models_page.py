@@ -198,7 +198,7 @@ class ModelsWindow(QDialog):
         size = entry_field(entry, "download_bytes", "size_bytes", "size")
         installed = str(entry_field(entry, "repo_id", default="")) in installed_sources
         extra = [("Installed", "ok")] if installed else []
-        card.set_badges([(f"{fmt.size(size)}", "info"), *extra])
+        card.set_badges([fit_badge(None), (f"{fmt.size(size)}", "info"), *extra])
         self._wire(card, key, entry, partial)
         if (offline := self.models.offline_reason()) and self.models.running(key) is None:
             card.set_unavailable(offline)
@@ -244,7 +244,7 @@ class ModelsWindow(QDialog):
     def _on_preflight(self, card: JobCard, size: Any, report: Any, extra: list[tuple[str, str]]) -> None:
         try:
             quant = getattr(report, "quant", None)
-            badges = [(str(quant), "info")] * bool(quant) + [(fmt.size(size), "info"), fit_badge(report)]
+            badges = [fit_badge(report), *[(str(quant), "info")] * bool(quant), (fmt.size(size), "info")]
             card.set_badges(badges + extra)
             if lines := getattr(report, "lines", None):
                 card.setToolTip("\n".join(lines))
