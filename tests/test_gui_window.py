@@ -473,3 +473,52 @@ def test_welcome_cards_stay_put_when_the_fit_check_ends(qtbot, make_window) -> N
         assert card.badge_texts()[0] != "checking this computer…" and len(card.badge_texts()) >= 2
         assert after == before, (width, before, after)
         assert welcome.horizontalScrollBar().maximum() == 0  # nothing wider than the window, at 720 too
+
+
+def test_an_imported_model_can_be_renamed_and_the_name_shows_everywhere(qtbot, make_window, tiny_checkpoint) -> None:  # noqa: ANN001
+    window = make_window(with_model=False)
+    models = window.show_models()
+    qtbot.waitExposed(models)
+    imported = lambda k, _r: k.startswith("import:")  # noqa: E731 - not the fit checks the page starts
+    with qtbot.waitSignal(window.models.job_done, timeout=ANSWER_MS * 3, check_params_cb=imported):
+        models.import_model(tiny_checkpoint)
+    [model_id] = window.models.installed_ids()
+
+    def shown_row():  # noqa: ANN202 - the row of the model, once the rebuilt list is on screen
+        qtbot.waitUntil(lambda: (r := models.installed_row(model_id)) is not None and r.isVisible())
+        return models.installed_row(model_id)
+
+    row = shown_row()
+    readable = f"{tiny_checkpoint.name} · Q4_K_M"
+    assert row.title.text() == readable and model_id in row.detail.text()  # the id stays in small print
+    assert f"“{readable}”" in models.notice.text()
+    with qtbot.waitSignal(window.model_ready, timeout=ANSWER_MS):
+        qtbot.mouseClick(row.use, Qt.MouseButton.LeftButton)
+    assert window.status.model.text() == f"Model: {readable}"
+
+    # Rename, type, Enter: stored through the bundle's manifest, shown in the list and the status line
+    row = shown_row()
+    qtbot.mouseClick(row.rename, Qt.MouseButton.LeftButton)
+    assert row.name_edit.isVisible() and row.name_edit.hasFocus() and not row.title.isVisible()
+    row.name_edit.clear()
+    qtbot.keyClicks(row.name_edit, "Tiny owl for tests")
+    qtbot.keyClick(row.name_edit, Qt.Key.Key_Return)
+    row = shown_row()
+    assert row.title.text() == "Tiny owl for tests" and row.title.isVisible()
+    assert window.status.model.text() == "Model: Tiny owl for tests"
+    assert window.models.display_name(model_id) == "Tiny owl for tests"
+    assert window.services.chat.loaded_model_id == model_id  # the id, the folder and the loaded model stay
+
+    # a name that cannot be one is refused with a message, the field stays open; Esc puts the name back
+    qtbot.mouseClick(row.rename, Qt.MouseButton.LeftButton)
+    row.name_edit.setText("   ")
+    qtbot.keyClick(row.name_edit, Qt.Key.Key_Return)
+    assert "cannot be empty" in models.notice.text() and row.name_edit.isVisible()
+    qtbot.keyClick(row.name_edit, Qt.Key.Key_Escape)
+    assert models.isVisible() and row.title.isVisible() and not row.name_edit.isVisible()
+    assert row.title.text() == "Tiny owl for tests"
+
+    # a new window (a restart) reads the name back
+    models.close()
+    again = make_window(with_model=False)
+    assert again.models.display_name(model_id) == "Tiny owl for tests"
