@@ -27,6 +27,7 @@ from test_gui import (  # noqa: E402, F401
 
 from owl_desktop.gui.format import answer_speed, stage_line  # noqa: E402
 from owl_desktop.gui.main_window import State  # noqa: E402
+from owl_desktop.gui.theme import apply_theme  # noqa: E402
 from owl_desktop.tasks import Progress  # noqa: E402
 
 
@@ -420,7 +421,10 @@ def test_model_import_shows_a_bar_with_time_left_and_can_be_cancelled(qtbot, mak
             return
         lines.append(line)
         if " of " in line and not shots:
-            shots.append(save_shot(models, "models-importing-light"))
+            for theme in ("light", "dark"):
+                apply_theme(theme)
+                shots.append(save_shot(models, f"models-importing-{theme}", layouts_only=True))
+            apply_theme("light")
 
     window.models.job_progress.connect(seen)
     with qtbot.waitSignal(window.models.job_done, timeout=ANSWER_MS * 3, check_params_cb=lambda k, _r: k == key):
@@ -506,6 +510,7 @@ def test_an_imported_model_can_be_renamed_and_the_name_shows_everywhere(qtbot, m
     row = shown_row()
     assert row.title.text() == "Tiny owl for tests" and row.title.isVisible()
     assert window.status.model.text() == "Model: Tiny owl for tests"
+    save_shot(models, "models-renamed-light")
     assert window.models.display_name(model_id) == "Tiny owl for tests"
     assert window.services.chat.loaded_model_id == model_id  # the id, the folder and the loaded model stay
 

@@ -60,11 +60,12 @@ class JobCard(QFrame):
         self.title.setObjectName("CardTitle")
         self.title.setWordWrap(True)
         v.addWidget(self.title)
-        # the badges have a line of their own under the title, always as tall as a badge: when they change (e.g.
-        # "checking this computer…" becomes "Fits this computer") no card moves, and a narrow window is not
-        # widened by them
-        row = QWidget()
+        # the badges have a line of their own under the title, as tall as a badge once the card has had badges
+        # (a card without any, like an import's, has no such line): when they change (e.g. "checking this
+        # computer…" becomes "Fits this computer") no card moves, and a narrow window is not widened by them
+        self._badge_row = row = QWidget()
         row.setFixedHeight(badge("Ag", "info").sizeHint().height())
+        row.setVisible(False)
         self.badges = QHBoxLayout(row)
         self.badges.setContentsMargins(0, 0, 0, 0)
         self.badges.setSpacing(6)
@@ -111,6 +112,7 @@ class JobCard(QFrame):
                 w.deleteLater()
         for i, (text, kind) in enumerate(items):
             self.badges.insertWidget(i, badge(text, kind))
+        self._badge_row.setVisible(True)
 
     def badge_texts(self) -> list[str]:
         return [w.text() for i in range(self.badges.count()) if isinstance(w := self.badges.itemAt(i).widget(), QLabel)]
