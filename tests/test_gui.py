@@ -480,6 +480,7 @@ def test_screenshots_of_the_main_states(qtbot, make_window, pictures) -> None:  
         ask(qtbot, window, "What differs between these two screenshots?")
         window.composer.add_files(pictures[:1])
         window.composer.edit.setPlainText("And which one is brighter?")
+        qtbot.waitUntil(lambda: all(i.ready for i in window.composer.images()), timeout=ANSWER_MS)  # noqa: B023
         save_shot(window, f"chat-{theme}")
         window.close()
     print(f"screenshots in {screenshot_dir()}")

@@ -353,7 +353,7 @@ class ModelsWindow(QDialog):
         except Exception as exc:  # noqa: BLE001 - shown, never raised; the field stays open to fix the name
             self._say(f"⚠ Could not rename: {user_message(exc)}")
             return
-        self._say(f"Renamed to {stored}.")
+        self._say(f"Renamed to “{stored}”.")
 
     def _verify(self, model_id: str) -> None:
         self._say(f"Verifying {self.models.display_name(model_id)}…")
