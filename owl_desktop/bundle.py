@@ -2,7 +2,8 @@
 
 <bundle dir>/
   bundle.json          written last; format version, source, sha256 of each file, model config, prompt template,
-                       model family and image plan (model_family.py)
+                       model family and image plan (model_family.py); optionally the display name the user gave
+                       it (rename(); without one, default_name())
   vision.safetensors   vision_model.*, abstractor.*, query_tokens (names as in the HF checkpoint)
   llm-<QUANT>.gguf     the LLaMA language model with its SentencePiece vocabulary
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,11 @@ DEFAULT_SYSTEM = (
 UREADER_SYSTEM = ""
 
 
+NAME_MAX = 80  # characters of a model's display name
+_NAME_FORBIDDEN = {"Cc", "Cf", "Cs", "Zl", "Zp"}  # control, format (e.g. bidi overrides), surrogates, line breaks
+_NAME_ALLOWED = {"\u200d"}  # the joiner inside emoji sequences
+
+
 _BUNDLE_FILE = re.compile(r"^(bundle\.json|vision\.safetensors|llm-[A-Z0-9_]+\.gguf)$")
 
 
@@ -52,6 +59,35 @@ def sanitize_bundle_id(raw: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip(".-")
     cleaned = re.sub(r"-{2,}", "-", cleaned)[:80].rstrip(".-")
     return cleaned or "model"
+
+
+def check_name(raw: str) -> str:
+    """A model's display name as typed, trimmed; BundleError says why when it cannot be one."""
+    name = raw.strip()
+    if not name:
+        raise BundleError("a model's name cannot be empty")
+    if len(name) > NAME_MAX:
+        raise BundleError(f"a model's name can be at most {NAME_MAX} characters (this one has {len(name)})")
+    if any(unicodedata.category(ch) in _NAME_FORBIDDEN and ch not in _NAME_ALLOWED for ch in name):
+        raise BundleError("a model's name cannot contain control characters or line breaks")
+    return name
+
+
+def default_name(bundle_id: str, quant: str) -> str:
+    """The name a bundle without one shows: its id without the quantization suffix, then the quantization."""
+    base = bundle_id.removesuffix(f"-{quant.lower()}") or bundle_id
+    return f"{base} · {quant}"
+
+
+def _name_in(raw: dict[str, Any], bundle_id: str, quant: str) -> str:
+    """The manifest's display name when it is a valid one (the file is untrusted), else the default."""
+    value = raw.get("name")
+    if isinstance(value, str):
+        try:
+            return check_name(value)
+        except BundleError:
+            pass
+    return default_name(bundle_id, quant)
 
 
 def is_bundle_file(name: str) -> bool:
@@ -94,6 +130,7 @@ class Bundle:
     format_version: int = FORMAT_VERSION
     family: str = MPLUG_OWL
     image_plan: ImagePlan = field(default_factory=ImagePlan)
+    name: str = ""  # the display name (the manifest's, or default_name)
 
     @property
     def vision_path(self) -> Path:
@@ -241,11 +278,27 @@ def _parse_manifest(root: Path) -> Bundle:
             format_version=int(raw["format_version"]),
             family=family,
             image_plan=plan,
+            name=_name_in(raw, bundle_id, quant),
         )
     except BundleError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BundleError(f"{where}: unreadable {MANIFEST} ({exc})") from exc
+
+
+def rename(folder: Path, name: str) -> str:
+    """Give the bundle in `folder` a new display name, stored in its manifest whole or not at all (the id, the
+    folder and every other field stay as they are); returns the name as stored."""
+    name = check_name(name)
+    _parse_manifest(folder)  # a manifest this code reads, or BundleError
+    manifest = folder / MANIFEST
+    try:
+        raw = json.loads(manifest.read_text(encoding="utf-8"))
+        raw["name"] = name
+        write_json_atomic(manifest, raw)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"could not rename {folder.name}: {exc}") from exc
+    return name
 
 
 def mark_verified(bundle: Bundle) -> None:
@@ -300,6 +353,7 @@ class InstalledModel:
     size: int  # bytes of the bundle's payload files
     source: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None  # None: every file is present with its recorded size
+    name: str = ""  # the display name (the manifest's, or default_name)
 
     @property
     def ok(self) -> bool:
@@ -330,8 +384,9 @@ def describe(folder: Path) -> InstalledModel | None:
         if not isinstance(source, dict):
             source = {}
         bundle_id, quant = str(raw["id"]), str(raw["quantization"])
+        shown_as = _name_in(raw, bundle_id, quant)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return InstalledModel(folder.name, folder, "?", 0, {}, UNREADABLE)
+        return InstalledModel(folder.name, folder, "?", 0, {}, UNREADABLE, folder.name)
     problem = None
     for name, size in files.items():
         p = folder / name
@@ -341,7 +396,7 @@ def describe(folder: Path) -> InstalledModel | None:
         if p.stat().st_size != size:
             problem = f"{name} has the wrong size"
             break
-    return InstalledModel(bundle_id, folder, quant, sum(files.values()), dict(source), problem)
+    return InstalledModel(bundle_id, folder, quant, sum(files.values()), dict(source), problem, shown_as)
 
 
 def scan(models_dir: Path | None = None) -> list[InstalledModel]:

@@ -19,7 +19,7 @@ from PIL import Image
 
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import QMimeData, QObject, Qt, QUrl, Signal  # noqa: E402
+from PySide6.QtCore import QCoreApplication, QEvent, QMimeData, QObject, Qt, QUrl, Signal  # noqa: E402
 from PySide6.QtGui import QGuiApplication, QImage  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
@@ -48,9 +48,14 @@ def screenshot_dir() -> Path:
     return folder
 
 
-def save_shot(widget, name: str) -> Path:  # noqa: ANN001
-    for _ in range(3):
-        QApplication.processEvents()  # pending layouts first, so the picture shows the settled window
+def save_shot(widget, name: str, *, layouts_only: bool = False) -> Path:  # noqa: ANN001
+    """`layouts_only`: settle pending layouts but deliver nothing else, so a picture taken in a signal handler shows
+    that moment (e.g. a job's progress) and not the job's later events."""
+    for _ in range(3):  # pending layouts first, so the picture shows the settled window
+        if layouts_only:
+            QCoreApplication.sendPostedEvents(None, QEvent.Type.LayoutRequest)
+        else:
+            QApplication.processEvents()
     path = screenshot_dir() / f"{name}.png"
     assert widget.grab().save(str(path))
     img = QImage(str(path))
@@ -464,6 +469,9 @@ def test_screenshots_of_the_main_states(qtbot, make_window, pictures) -> None:  
         qtbot.waitExposed(settings)
         save_shot(settings, f"settings-{theme}")
         settings.reject()
+        welcome.resize(720, 480)  # the minimum size
+        qtbot.waitUntil(lambda: welcome.width() == 720)  # noqa: B023
+        save_shot(welcome, f"welcome-minimum-size-{theme}")
         welcome.close()
     for theme in ("light", "dark"):
         window = make_window(theme=theme, max_new_tokens=120)
@@ -472,6 +480,7 @@ def test_screenshots_of_the_main_states(qtbot, make_window, pictures) -> None:  
         ask(qtbot, window, "What differs between these two screenshots?")
         window.composer.add_files(pictures[:1])
         window.composer.edit.setPlainText("And which one is brighter?")
+        qtbot.waitUntil(lambda: all(i.ready for i in window.composer.images()), timeout=ANSWER_MS)  # noqa: B023
         save_shot(window, f"chat-{theme}")
         window.close()
     print(f"screenshots in {screenshot_dir()}")

@@ -6,9 +6,12 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
+from PySide6.QtGui import QColor  # noqa: E402
+
 from owl_desktop.app.settings import Settings  # noqa: E402
 from owl_desktop.engine.options import KV_TYPES_NEEDING_FLASH_ATTN, kv_type_problem  # noqa: E402
 from owl_desktop.gui.settings_dialog import SettingsDialog  # noqa: E402
+from owl_desktop.gui.theme import apply_theme  # noqa: E402
 
 
 def _offered(box) -> dict[str, bool]:  # noqa: ANN001
@@ -45,3 +48,31 @@ def test_the_dialog_never_saves_a_cache_type_with_flash_attention_off(qtbot) -> 
     dialog.flash_attn.setCurrentIndex(dialog.flash_attn.findData("off"))
     engine = dialog.values().engine
     assert engine.flash_attn == "off" and kv_type_problem(engine.kv_type, engine.flash_attn) is None
+
+
+def _text_left(widget) -> int:  # noqa: ANN001
+    """The first column, inside the border, where the widget's text is drawn (differs from the field's fill)."""
+    image = widget.grab().toImage()
+    h = image.height()
+    fill = QColor(image.pixel(4, h // 2)).lightness()
+    for x in range(4, image.width()):
+        if any(abs(QColor(image.pixel(x, y)).lightness() - fill) > 60 for y in range(h // 3, 2 * h // 3)):
+            return x
+    raise AssertionError("no text drawn")
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_spin_box_text_is_inset_like_a_drop_down(qtbot, theme: str) -> None:  # noqa: ANN001
+    apply_theme(theme)
+    try:
+        dialog = SettingsDialog(Settings())
+        qtbot.addWidget(dialog)
+        dialog.tabs.setCurrentIndex(dialog.tabs.indexOf(dialog.gpu_layers.parentWidget()))
+        dialog.show()
+        qtbot.waitExposed(dialog)
+        dialog.setFocus()  # no text cursor in the field
+        spin, combo = _text_left(dialog.gpu_layers), _text_left(dialog.device)
+        assert spin >= 7 and abs(spin - combo) <= 2, (spin, combo)
+        assert dialog.gpu_layers.height() == dialog.device.height()
+    finally:
+        apply_theme("light")

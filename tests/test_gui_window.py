@@ -13,7 +13,7 @@ from PIL import Image
 pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import QObject, Qt, Slot  # noqa: E402
-from PySide6.QtWidgets import QDialog  # noqa: E402
+from PySide6.QtWidgets import QApplication, QDialog  # noqa: E402
 from test_gui import (  # noqa: E402, F401
     ANSWER_MS,
     ask,
@@ -27,6 +27,7 @@ from test_gui import (  # noqa: E402, F401
 
 from owl_desktop.gui.format import answer_speed, stage_line  # noqa: E402
 from owl_desktop.gui.main_window import State  # noqa: E402
+from owl_desktop.gui.theme import apply_theme  # noqa: E402
 from owl_desktop.tasks import Progress  # noqa: E402
 
 
@@ -420,7 +421,10 @@ def test_model_import_shows_a_bar_with_time_left_and_can_be_cancelled(qtbot, mak
             return
         lines.append(line)
         if " of " in line and not shots:
-            shots.append(save_shot(models, "models-importing-light"))
+            for theme in ("light", "dark"):
+                apply_theme(theme)
+                shots.append(save_shot(models, f"models-importing-{theme}", layouts_only=True))
+            apply_theme("light")
 
     window.models.job_progress.connect(seen)
     with qtbot.waitSignal(window.models.job_done, timeout=ANSWER_MS * 3, check_params_cb=lambda k, _r: k == key):
@@ -448,3 +452,78 @@ def test_hovering_a_chat_offers_its_delete_button(qtbot, make_window) -> None:  
     assert window.sidebar.titles() == ["second chat"] and window.banner.action_button.text() == "Undo"
     window.finish_deletes()
     assert [c.id for c in store.list()] == [second.id] and first.id not in {c.id for c in store.list()}
+
+
+def test_welcome_cards_stay_put_when_the_fit_check_ends(qtbot, make_window) -> None:  # noqa: ANN001
+    window = make_window(with_model=False)
+    welcome = window.welcome
+    card = welcome.download_card
+    qtbot.waitUntil(lambda: window.models.runner.running() == [])
+
+    def settled() -> list[tuple[int, int, int, int]]:
+        for _ in range(3):
+            QApplication.processEvents()
+        return [c.geometry().getRect() for c in (card, welcome.demo_card, card.button, welcome.demo_card.button)]
+
+    for width, height in ((1100, 740), (720, 480)):
+        window.resize(width, height)
+        qtbot.waitUntil(lambda w=width: window.width() == w)
+        welcome.show_default_model()  # the page as it first shows: the fit is being checked
+        before = settled()
+        assert card.badge_texts()[0] == "checking this computer…"
+        welcome.check_fit()
+        qtbot.waitUntil(lambda: window.models.runner.running() == [])
+        after = settled()
+        assert card.badge_texts()[0] != "checking this computer…" and len(card.badge_texts()) >= 2
+        assert after == before, (width, before, after)
+        assert welcome.horizontalScrollBar().maximum() == 0  # nothing wider than the window, at 720 too
+
+
+def test_an_imported_model_can_be_renamed_and_the_name_shows_everywhere(qtbot, make_window, tiny_checkpoint) -> None:  # noqa: ANN001
+    window = make_window(with_model=False)
+    models = window.show_models()
+    qtbot.waitExposed(models)
+    imported = lambda k, _r: k.startswith("import:")  # noqa: E731 - not the fit checks the page starts
+    with qtbot.waitSignal(window.models.job_done, timeout=ANSWER_MS * 3, check_params_cb=imported):
+        models.import_model(tiny_checkpoint)
+    [model_id] = window.models.installed_ids()
+
+    def shown_row():  # noqa: ANN202 - the row of the model, once the rebuilt list is on screen
+        qtbot.waitUntil(lambda: (r := models.installed_row(model_id)) is not None and r.isVisible())
+        return models.installed_row(model_id)
+
+    row = shown_row()
+    readable = f"{tiny_checkpoint.name} · Q4_K_M"
+    assert row.title.text() == readable and model_id in row.detail.text()  # the id stays in small print
+    assert f"“{readable}”" in models.notice.text()
+    with qtbot.waitSignal(window.model_ready, timeout=ANSWER_MS):
+        qtbot.mouseClick(row.use, Qt.MouseButton.LeftButton)
+    assert window.status.model.text() == f"Model: {readable}"
+
+    # Rename, type, Enter: stored through the bundle's manifest, shown in the list and the status line
+    row = shown_row()
+    qtbot.mouseClick(row.rename, Qt.MouseButton.LeftButton)
+    assert row.name_edit.isVisible() and row.name_edit.hasFocus() and not row.title.isVisible()
+    row.name_edit.clear()
+    qtbot.keyClicks(row.name_edit, "Tiny owl for tests")
+    qtbot.keyClick(row.name_edit, Qt.Key.Key_Return)
+    row = shown_row()
+    assert row.title.text() == "Tiny owl for tests" and row.title.isVisible()
+    assert window.status.model.text() == "Model: Tiny owl for tests"
+    save_shot(models, "models-renamed-light")
+    assert window.models.display_name(model_id) == "Tiny owl for tests"
+    assert window.services.chat.loaded_model_id == model_id  # the id, the folder and the loaded model stay
+
+    # a name that cannot be one is refused with a message, the field stays open; Esc puts the name back
+    qtbot.mouseClick(row.rename, Qt.MouseButton.LeftButton)
+    row.name_edit.setText("   ")
+    qtbot.keyClick(row.name_edit, Qt.Key.Key_Return)
+    assert "cannot be empty" in models.notice.text() and row.name_edit.isVisible()
+    qtbot.keyClick(row.name_edit, Qt.Key.Key_Escape)
+    assert models.isVisible() and row.title.isVisible() and not row.name_edit.isVisible()
+    assert row.title.text() == "Tiny owl for tests"
+
+    # a new window (a restart) reads the name back
+    models.close()
+    again = make_window(with_model=False)
+    assert again.models.display_name(model_id) == "Tiny owl for tests"

@@ -23,6 +23,7 @@ import pytest
 from hubserver import Fault, HubServer, point_hub_clients_at
 from PIL import Image
 
+from owl_desktop import bundle as bundle_mod
 from owl_desktop import paths
 from owl_desktop.cli import main as cli_main
 from owl_desktop.devtools.tiny_checkpoint import checkpoint_specs, make_checkpoint, preset_config
@@ -173,6 +174,10 @@ def test_models_pull_downloads_verifies_converts_and_the_bundle_answers(
     listed = json.loads(capsys.readouterr().out)
     assert [m["id"] for m in listed["installed"]] == [bundle.name] and listed["installed"][0]["ok"]
     assert listed["downloads"] == [] and len(listed["catalog"]) == len(CATALOG)
+    assert cli_main(["models", "rename", bundle.name, "  My owl  "]) == 0
+    assert "now shown as: My owl" in capsys.readouterr().out
+    assert cli_main(["models", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["installed"][0]["name"] == "My owl"
 
     assert cli_main(["models", "pull", DEFAULT_REPO]) == 0  # same commit: nothing fetched again
     assert hub.bytes_sent(BIN) == bin_size(tiny_ckpt)
@@ -364,6 +369,40 @@ def test_offline_mode_gives_a_clear_message(
 
 # ----------------------------------------------------------------------------------------------------------------
 # manage: import, verify, remove
+
+
+def test_an_imported_model_has_a_readable_name_that_can_be_changed(tiny_ckpt: Path) -> None:
+    m = manager()
+    bundle = m.import_path(tiny_ckpt, "Q8_0")
+    [model] = m.installed()
+    assert model.name == "mplug-owl-tiny · Q8_0"  # not the folder id "mplug-owl-tiny-q8_0"
+    manifest = bundle / "bundle.json"
+    before = json.loads(manifest.read_text(encoding="utf-8"))
+
+    assert m.rename(model.id, " Tiny owl 🦉 (test) ") == "Tiny owl 🦉 (test)"
+    [model] = m.installed()
+    assert model.name == "Tiny owl 🦉 (test)" and model.id == "mplug-owl-tiny-q8_0" and model.ok
+    after = json.loads(manifest.read_text(encoding="utf-8"))
+    assert after == {**before, "name": "Tiny owl 🦉 (test)"}  # every other field as it was
+    assert [p.name for p in bundle.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    assert bundle_mod.load(model.id, verify=True).name == "Tiny owl 🦉 (test)"  # the files still match
+
+    for bad, why in [
+        ("   ", "cannot be empty"),
+        ("x" * (bundle_mod.NAME_MAX + 1), "at most 80 characters"),
+        ("two\nlines", "control characters"),
+        ("bell\x07", "control characters"),
+        ("evil\u202etxt.exe", "control characters"),  # a right-to-left override
+    ]:
+        with pytest.raises(BundleError, match=why):
+            m.rename(model.id, bad)
+    assert m.installed()[0].name == "Tiny owl 🦉 (test)"  # a refused name changes nothing
+    with pytest.raises(BundleError, match="no installed model"):
+        m.rename("nothing-here", "A name")
+
+    # bundle.json is untrusted: a name that could not have been given is not shown
+    manifest.write_text(json.dumps({**after, "name": "line\nbreak"}), encoding="utf-8")
+    assert m.installed()[0].name == "mplug-owl-tiny · Q8_0"
 
 
 def test_import_verify_and_remove(tiny_ckpt: Path, tmp_path: Path) -> None:

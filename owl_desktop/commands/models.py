@@ -1,4 +1,4 @@
-"""`owl-desktop models list|pull|preflight|import|verify|rm`: get, check and manage models (hub/manager.py)."""
+"""`owl-desktop models list|pull|preflight|import|verify|rename|rm`: get, check and manage models (hub/manager.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from owl_desktop.bundle import DEFAULT_QUANT, QUANTS
+from owl_desktop.bundle import DEFAULT_QUANT, NAME_MAX, QUANTS
 from owl_desktop.commands.progress import ProgressLine, human_size
 from owl_desktop.errors import Cancelled
 from owl_desktop.tasks import Progress, Task
@@ -50,6 +50,11 @@ def register(sub: Any) -> None:
     ver.add_argument("model_id", metavar="ID", help="a bundle id (see `models list`) or a bundle folder")
     ver.set_defaults(func=run_verify)
 
+    ren = msub.add_parser("rename", help="give an installed model a name of your own (its id stays)")
+    ren.add_argument("model_id", metavar="ID", help="a bundle id (see `models list`)")
+    ren.add_argument("name", metavar="NAME", help=f"the name the app shows (at most {NAME_MAX} characters)")
+    ren.set_defaults(func=run_rename)
+
     rm = msub.add_parser("rm", help="delete an installed bundle, or a download (by repo id)")
     rm.add_argument("model_id", metavar="ID", help="a bundle id, or a repo id to discard its download")
     rm.set_defaults(func=run_rm)
@@ -80,6 +85,7 @@ def run_list(args: argparse.Namespace) -> int:
         src = f"from {b.source_repo}@{(b.revision or '?')[:7]}" if b.source_repo else ""
         state = "" if b.ok else f"  BROKEN: {b.problem}"
         print(f"  {b.id:<32} {b.quant:<7} {human_size(b.size):>10}  {src}{state}")
+        print(f"      shown as: {b.name}")
     if downloads:
         print("Downloads:")
     for d in downloads:
@@ -104,8 +110,8 @@ def run_list(args: argparse.Namespace) -> int:
 def _list_json(installed: list[Any], downloads: list[Any], catalog: list[Any]) -> dict[str, Any]:
     return {
         "installed": [
-            {"id": b.id, "path": str(b.path), "quant": b.quant, "size": b.size, "source_repo": b.source_repo,
-             "revision": b.revision, "ok": b.ok, "problem": b.problem}
+            {"id": b.id, "name": b.name, "path": str(b.path), "quant": b.quant, "size": b.size,
+             "source_repo": b.source_repo, "revision": b.revision, "ok": b.ok, "problem": b.problem}
             for b in installed
         ],
         "downloads": [
@@ -156,6 +162,12 @@ def run_import(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     model = _with_progress(lambda task: _manager().verify(args.model_id, task=task))
     print(f"{model.id}: every file matches its sha256 ({human_size(model.size)})")
+    return 0
+
+
+def run_rename(args: argparse.Namespace) -> int:
+    name = _manager().rename(args.model_id, args.name)
+    print(f"{args.model_id} is now shown as: {name}")
     return 0
 
 

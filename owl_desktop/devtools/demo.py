@@ -11,6 +11,7 @@ from owl_desktop.tasks import Task
 
 DEMO_BUNDLE_ID = "demo-tiny-random"
 DEMO_QUANT = "Q8_0"
+DEMO_NAME = "Offline demo model"  # as the welcome page calls it
 
 
 def ensure_demo_bundle(task: Task | None = None) -> Path:
@@ -27,6 +28,7 @@ def ensure_demo_bundle(task: Task | None = None) -> Path:
         if target.exists():
             shutil.rmtree(target)  # a leftover without bundle.json is not a bundle
         convert_checkpoint(ckpt, target, quant=DEMO_QUANT, task=task, bundle_id=DEMO_BUNDLE_ID)
+    bundle.rename(target, DEMO_NAME)
     return target
 
 

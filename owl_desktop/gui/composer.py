@@ -15,6 +15,7 @@ from PySide6.QtGui import (
     QKeyEvent,
     QMouseEvent,
     QPixmap,
+    QResizeEvent,
 )
 from PySide6.QtWidgets import (
     QFileDialog,
@@ -223,11 +224,30 @@ class ComposerEdit(QPlainTextEdit):
         super().__init__()
         self.setObjectName("ComposerEdit")
         self.send_on_enter = True
-        self.setPlaceholderText("Ask about your images…  (Enter to send, Shift+Enter for a new line)")
+        self._keys = ""
+        self.set_keys_hint("Enter to send, Shift+Enter for a new line")
         self.setAccessibleName("Question")
         self.setTabChangesFocus(True)
         self.document().contentsChanged.connect(self._fit_height)
         self._fit_height()
+
+    PLACEHOLDER = "Ask about your images…"
+
+    def set_keys_hint(self, keys: str) -> None:
+        """How to send, after the placeholder when the box is wide enough for both on one line (always the tooltip)."""
+        self._keys = keys
+        self.setToolTip(keys)
+        self._fit_placeholder()
+
+    def _fit_placeholder(self) -> None:
+        full = f"{self.PLACEHOLDER}  ({self._keys})"
+        room = self.viewport().width() - 2 * int(self.document().documentMargin()) - 4
+        fits = self.fontMetrics().horizontalAdvance(full) <= room
+        self.setPlaceholderText(full if fits else self.PLACEHOLDER)  # a wrapped placeholder would be cut off
+
+    def resizeEvent(self, event: QResizeEvent) -> None:  # noqa: N802 - Qt override
+        super().resizeEvent(event)
+        self._fit_placeholder()
 
     def _fit_height(self) -> None:
         lines = max(1, min(8, int(self.document().size().height())))
@@ -339,8 +359,7 @@ class Composer(QFrame):
 
     def set_send_on_enter(self, value: bool) -> None:
         self.edit.send_on_enter = value
-        keys = "Enter to send, Shift+Enter for a new line" if value else "Ctrl+Enter to send"
-        self.edit.setPlaceholderText(f"Ask about your images…  ({keys})")
+        self.edit.set_keys_hint("Enter to send, Shift+Enter for a new line" if value else "Ctrl+Enter to send")
 
     def _update_buttons(self) -> None:
         self.update_budget()

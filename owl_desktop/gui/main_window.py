@@ -410,7 +410,7 @@ class MainWindow(QMainWindow):
         self.engine.load(model_id)
 
     def _on_model_loading(self, ref: str) -> None:
-        self.status.set_model(ref)
+        self.status.set_model(self.models.display_name(ref))
         self.status.set_activity("loading the model…", None, True)
 
     def _on_engine_progress(self, p: Progress) -> None:
@@ -418,7 +418,7 @@ class MainWindow(QMainWindow):
             self.status.set_activity(f"{p.stage}…", p.fraction, True)
 
     def _on_model_loaded(self, model_id: str, device: str) -> None:
-        self.status.set_model(model_id, device)
+        self.status.set_model(self.models.display_name(model_id), device)
         self.status.set_activity("")
         self.set_state(State.READY)
         self.banner.clear_if("model")
@@ -449,9 +449,12 @@ class MainWindow(QMainWindow):
         if self.state is State.NO_MODEL or self.pages.currentWidget() is self.welcome:
             self.load_model(model_id)
         else:
-            self.status.set_activity(f"{model_id} is installed; choose it in Models to use it")
+            name = self.models.display_name(model_id)
+            self.status.set_activity(f"{name} is installed; choose it in Models to use it")
 
     def _on_installed_changed(self) -> None:
+        if loaded := self.services.chat.loaded_model_id:
+            self.status.set_model_name(self.models.display_name(loaded))  # e.g. renamed in the model manager
         if self.state is State.NO_MODEL and self.pages.currentWidget() is self.welcome:
             self.welcome.refresh()
 

@@ -29,6 +29,16 @@ def result_model_id(result: Any) -> str:
     return str(entry_field(result, "id", "bundle_id", default=result))
 
 
+def model_id(model: Any) -> str:
+    """The id of an installed-model record."""
+    return str(entry_field(model, "id", "bundle_id", default=model))
+
+
+def model_name(model: Any) -> str:
+    """The display name of an installed-model record (its id when it has none)."""
+    return str(entry_field(model, "name", default=None) or model_id(model))
+
+
 def entry_field(entry: Any, *names: str, default: Any = None) -> Any:
     for name in names:
         value = entry.get(name) if isinstance(entry, dict) else getattr(entry, name, None)
@@ -76,7 +86,11 @@ class ModelController(QObject):
             return []
 
     def installed_ids(self) -> list[str]:
-        return [str(entry_field(m, "id", "bundle_id", "name", default=m)) for m in self.installed()]
+        return [model_id(m) for m in self.installed()]
+
+    def display_name(self, ref: str) -> str:
+        """The name an installed model shows (the one the user gave it, or its default); `ref` itself otherwise."""
+        return next((model_name(m) for m in self.installed() if model_id(m) == ref), ref)
 
     def running(self, key: str) -> TaskHandle | None:
         return self.runner.find(key)
@@ -154,6 +168,13 @@ class ModelController(QObject):
 
     def verify(self, model_id: str) -> TaskHandle:
         return self._start(f"verify:{model_id}", lambda task: self.manager.verify(model_id, task=task))
+
+    def rename(self, ref: str, name: str) -> str:
+        """Store an installed model's new display name (quick: one small file); raises BundleError with a message
+        when the name cannot be one. Every page showing it hears installed_changed."""
+        stored = str(self.manager.rename(ref, name))
+        self.installed_changed.emit()
+        return stored
 
     def remove(self, model_id: str) -> None:
         self.manager.remove(model_id)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtWidgets import (
     QDialog,
     QFileDialog,
     QFrame,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QMessageBox,
     QPushButton,
     QScrollArea,
@@ -19,8 +20,16 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from owl_desktop.bundle import NAME_MAX
 from owl_desktop.gui import format as fmt
-from owl_desktop.gui.model_controller import ModelController, entry_field, entry_key
+from owl_desktop.gui.model_controller import (
+    ModelController,
+    entry_field,
+    entry_key,
+    model_id,
+    model_name,
+    result_model_id,
+)
 from owl_desktop.gui.welcome import JobCard, badge, fit_badge
 from owl_desktop.gui.workers import user_message
 
@@ -35,18 +44,28 @@ class InstalledRow(QFrame):
     use_clicked = Signal(str)
     verify_clicked = Signal(str)
     delete_clicked = Signal(str)
+    rename_requested = Signal(str, str)  # id, the name typed
 
     def __init__(self, model: Any, loaded: bool) -> None:
         super().__init__()
         self.setObjectName("Card")
-        self.model_id = str(entry_field(model, "id", "bundle_id", "name", default=model))
+        self.model_id = model_id(model)
+        self.name = model_name(model)
         h = QHBoxLayout(self)
         h.setContentsMargins(16, 10, 12, 10)
         text = QVBoxLayout()
-        name = QLabel(self.model_id)
-        name.setObjectName("CardTitle")
-        text.addWidget(name)
-        bits = []
+        self.title = QLabel(self.name)
+        self.title.setObjectName("CardTitle")
+        self.title.setTextFormat(Qt.TextFormat.PlainText)  # a name from a manifest or the user: never rich text
+        self.title.setWordWrap(True)
+        text.addWidget(self.title)
+        self.name_edit = QLineEdit(self.name)
+        self.name_edit.setMaxLength(NAME_MAX)
+        self.name_edit.setAccessibleName(f"New name for {self.name}")
+        self.name_edit.setVisible(False)
+        self.name_edit.installEventFilter(self)
+        text.addWidget(self.name_edit)
+        bits = [self.model_id] if self.model_id != self.name else []
         if quant := entry_field(model, "quant", "quantization"):
             bits.append(str(quant))
         if size := entry_field(model, "size_bytes", "size", "disk_bytes"):
@@ -57,24 +76,57 @@ class InstalledRow(QFrame):
             bits.append(f"⚠ {problem}")
         self.detail = QLabel(" · ".join(bits))
         self.detail.setObjectName("Muted")
+        self.detail.setTextFormat(Qt.TextFormat.PlainText)
+        self.detail.setWordWrap(True)
         text.addWidget(self.detail)
         h.addLayout(text, 1)
         if loaded:
             h.addWidget(badge("In use", "ok"), 0, Qt.AlignmentFlag.AlignVCenter)
+        self.rename = QPushButton("Rename")
+        self.rename.setAccessibleName(f"Rename {self.name}")
+        self.rename.setToolTip("Give this model a name of your own (Enter keeps it, Esc cancels)")
+        self.rename.clicked.connect(self.start_rename)
         self.use = QPushButton("Use")
         self.use.setProperty("primary", True)
         self.use.setEnabled(not loaded)
-        self.use.setAccessibleName(f"Use {self.model_id}")
+        self.use.setAccessibleName(f"Use {self.name}")
         self.verify = QPushButton("Verify")
-        self.verify.setAccessibleName(f"Verify {self.model_id}")
+        self.verify.setAccessibleName(f"Verify {self.name}")
         self.delete = QPushButton("Delete")
         self.delete.setProperty("danger", True)
-        self.delete.setAccessibleName(f"Delete {self.model_id}")
+        self.delete.setAccessibleName(f"Delete {self.name}")
         self.use.clicked.connect(lambda: self.use_clicked.emit(self.model_id))
         self.verify.clicked.connect(lambda: self.verify_clicked.emit(self.model_id))
         self.delete.clicked.connect(lambda: self.delete_clicked.emit(self.model_id))
-        for b in (self.verify, self.delete, self.use):
+        for b in (self.rename, self.verify, self.delete, self.use):
             h.addWidget(b)
+
+    def start_rename(self) -> None:
+        """The name becomes a field: Enter asks for the new name, Esc (or Rename again) puts the name back."""
+        if self.name_edit.isVisible():
+            self.end_rename()
+            return
+        self.title.setVisible(False)
+        self.name_edit.setText(self.name)
+        self.name_edit.setVisible(True)
+        self.name_edit.selectAll()
+        self.name_edit.setFocus()
+
+    def end_rename(self) -> None:
+        self.name_edit.setVisible(False)
+        self.title.setVisible(True)
+
+    def eventFilter(self, watched: Any, event: Any) -> bool:  # noqa: N802 - Qt override
+        """Enter and Esc belong to the name field: they never reach the window (its default button, or closing)."""
+        if watched is self.name_edit and event.type() == QEvent.Type.KeyPress:
+            if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter):
+                self.rename_requested.emit(self.model_id, self.name_edit.text())
+                return True
+            if event.key() == Qt.Key.Key_Escape:
+                self.end_rename()
+                self.rename.setFocus()
+                return True
+        return super().eventFilter(watched, event)
 
 
 class ModelsWindow(QDialog):
@@ -153,11 +205,11 @@ class ModelsWindow(QDialog):
             empty.setObjectName("Muted")
             self._column.addWidget(empty)
         for model in installed:
-            model_id = str(entry_field(model, "id", "bundle_id", "name", default=model))
-            row = InstalledRow(model, model_id == self.loaded_id)
+            row = InstalledRow(model, model_id(model) == self.loaded_id)
             row.use_clicked.connect(self.use_requested)
             row.verify_clicked.connect(self._verify)
             row.delete_clicked.connect(self._delete)
+            row.rename_requested.connect(self._rename)
             self._installed_rows.append(row)
             self._column.addWidget(row)
         catalog = self.models.catalog()
@@ -198,7 +250,7 @@ class ModelsWindow(QDialog):
         size = entry_field(entry, "download_bytes", "size_bytes", "size")
         installed = str(entry_field(entry, "repo_id", default="")) in installed_sources
         extra = [("Installed", "ok")] if installed else []
-        card.set_badges([(f"{fmt.size(size)}", "info"), *extra])
+        card.set_badges([fit_badge(None), (f"{fmt.size(size)}", "info"), *extra])
         self._wire(card, key, entry, partial)
         if (offline := self.models.offline_reason()) and self.models.running(key) is None:
             card.set_unavailable(offline)
@@ -244,7 +296,7 @@ class ModelsWindow(QDialog):
     def _on_preflight(self, card: JobCard, size: Any, report: Any, extra: list[tuple[str, str]]) -> None:
         try:
             quant = getattr(report, "quant", None)
-            badges = [(str(quant), "info")] * bool(quant) + [(fmt.size(size), "info"), fit_badge(report)]
+            badges = [fit_badge(report), *[(str(quant), "info")] * bool(quant), (fmt.size(size), "info")]
             card.set_badges(badges + extra)
             if lines := getattr(report, "lines", None):
                 card.setToolTip("\n".join(lines))
@@ -295,22 +347,31 @@ class ModelsWindow(QDialog):
         card.setVisible(True)
         self.models.import_path(path)
 
+    def _rename(self, ref: str, name: str) -> None:
+        try:
+            stored = self.models.rename(ref, name)  # the page is rebuilt with the new name (installed_changed)
+        except Exception as exc:  # noqa: BLE001 - shown, never raised; the field stays open to fix the name
+            self._say(f"⚠ Could not rename: {user_message(exc)}")
+            return
+        self._say(f"Renamed to “{stored}”.")
+
     def _verify(self, model_id: str) -> None:
-        self._say(f"Verifying {model_id}…")
+        self._say(f"Verifying {self.models.display_name(model_id)}…")
         self.models.verify(model_id)
 
     def _delete(self, model_id: str) -> None:
+        name = self.models.display_name(model_id)
         if self.confirm_delete:
             answer = QMessageBox.question(
-                self, "Delete model", f"Delete {model_id} from this computer? Your conversations are kept."
+                self, "Delete model", f"Delete {name} from this computer? Your conversations are kept."
             )
             if answer != QMessageBox.StandardButton.Yes:
                 return
         try:
             self.models.remove(model_id)
-            self._say(f"{model_id} was deleted.")
+            self._say(f"{name} was deleted.")
         except Exception as exc:  # noqa: BLE001 - shown, never raised
-            self._say(f"Could not delete {model_id}: {user_message(exc)}")
+            self._say(f"Could not delete {name}: {user_message(exc)}")
 
     def _say(self, text: str) -> None:
         self.notice.setText(text)
@@ -329,11 +390,11 @@ class ModelsWindow(QDialog):
 
     def _on_done(self, key: str, _result: Any) -> None:
         if key.startswith("verify:"):
-            self._say(f"{key.split(':', 1)[1]} is complete and intact.")
+            self._say(f"{self.models.display_name(key.split(':', 1)[1])} is complete and intact.")
         elif key.startswith("import:"):
             self._end_import()
-            name = getattr(_result, "name", None)
-            self._say(f"Imported as {name}." if name else "Imported.")
+            name = self.models.display_name(result_model_id(_result))
+            self._say(f"Imported as “{name}”; Rename gives it a name of your own.")
         elif (card := self._cards.get(key)) is not None:
             card.set_running(False)
             card.set_progress(1.0, "Installed.")

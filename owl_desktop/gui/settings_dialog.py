@@ -72,6 +72,7 @@ def _form(tabs: QTabWidget, title: str) -> QFormLayout:
     outer = QVBoxLayout(page)
     outer.setContentsMargins(18, 16, 18, 16)
     form = QFormLayout()
+    form.setLabelAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)  # level with the field text
     outer.addLayout(form)
     outer.addStretch(1)
     form.setHorizontalSpacing(18)
@@ -106,6 +107,7 @@ class SettingsDialog(QDialog):
         self.system_prompt.setFixedHeight(110)
         general.addRow("System prompt", self.system_prompt)
         data_row = QHBoxLayout()
+        data_row.setSpacing(8)
         self.data_dir = QLineEdit(s.data_dir or "")
         self.data_dir.setPlaceholderText("Default location")
         self.data_dir.setAccessibleName("Data folder")
@@ -210,6 +212,7 @@ class SettingsDialog(QDialog):
         self.api_network.setAccessibleName("Allow other computers on the network")
         api.addRow("Network", self.api_network)
         key_row = QHBoxLayout()
+        key_row.setSpacing(8)
         self.api_key = QLineEdit(a.api_key)
         self.api_key.setPlaceholderText("none")
         self.api_key.setAccessibleName("API key")
@@ -226,6 +229,7 @@ class SettingsDialog(QDialog):
         self.api_hint = QLabel()
         self.api_hint.setObjectName("Muted")
         self.api_hint.setWordWrap(True)
+        self.api_hint.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)  # under the fields
         self.api_hint.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         api.addRow("", self.api_hint)
         self.api_port.valueChanged.connect(self._update_api_hint)

@@ -23,6 +23,7 @@ class StatusLine(QFrame):
         h.setContentsMargins(14, 4, 14, 4)
         h.setSpacing(14)
         self.model = QLabel("No model loaded")
+        self.model.setTextFormat(Qt.TextFormat.PlainText)  # a name the user typed
         self.model.setAccessibleName("Model")
         self.device = QLabel()
         self.device.setAccessibleName("Device")
@@ -49,11 +50,16 @@ class StatusLine(QFrame):
         for w in (self.speed, self.context, self.context_label, self.api):
             h.addWidget(w)
 
-    def set_model(self, model_id: str | None, device: str = "") -> None:
-        self.model.setText(f"Model: {model_id}" if model_id else "No model loaded")
+    def set_model(self, name: str | None, device: str = "") -> None:
+        """The model's display name (None: no model) and the device it runs on."""
+        self.set_model_name(name)
         short = device.split(" · ")[0].replace("vision: ", "") if device else ""
         self.device.setText(f"· {short}" if short else "")
         self.device.setToolTip(device)
+
+    def set_model_name(self, name: str | None) -> None:
+        """Only the name (e.g. the model was renamed); the device stays."""
+        self.model.setText(f"Model: {name}" if name else "No model loaded")
 
     def set_activity(self, text: str, fraction: float | None = None, show_bar: bool = False) -> None:
         self.activity.setText(text)

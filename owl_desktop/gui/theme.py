@@ -7,10 +7,11 @@ when `theme_bus().changed` fires.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtGui import QColor, QGuiApplication, QPalette
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QAbstractSpinBox, QApplication, QProxyStyle
 
 from owl_desktop.gui.icons import icon_file
 
@@ -111,12 +112,38 @@ def apply_theme(name: str, app: QApplication | None = None) -> Colors:
     qapp = app or QApplication.instance()
     c = resolve(name)
     if isinstance(qapp, QApplication):
+        _install_style(qapp)
         qapp.setPalette(palette(c))
         qapp.setStyleSheet(stylesheet(c))
     bus = theme_bus()
     bus.colors = c
     bus.changed.emit(c)
     return c
+
+
+SPIN_TEXT_INSET = 7  # px: a spin box's text starts where a drop-down's does (their border and padding are shared)
+
+
+class _AppStyle(QProxyStyle):
+    """What the style sheet cannot say. Qt lays a spin box's text field from its buttons alone, ignoring the
+    sheet's horizontal padding, so the number would touch the left border: its text is inset here instead."""
+
+    def polish(self, target: Any) -> Any:  # noqa: ANN401 - Qt's overloads: a widget, the application, a palette
+        result = super().polish(target)
+        if isinstance(target, QAbstractSpinBox):
+            target.lineEdit().setTextMargins(SPIN_TEXT_INSET, 0, 0, 0)
+        return result
+
+
+_app_style: _AppStyle | None = None
+
+
+def _install_style(app: QApplication) -> None:
+    """The app's base style (the platform's, wrapped once); the style sheet draws on top of it."""
+    global _app_style
+    if _app_style is None:
+        _app_style = _AppStyle()
+        app.setStyle(_app_style)
 
 
 def resolve(theme: str) -> Colors:
@@ -177,7 +204,7 @@ QLineEdit:focus, QPlainTextEdit:focus, QTextEdit:focus, QSpinBox:focus, QDoubleS
 }}
 QComboBox::drop-down {{ border: none; width: 22px; subcontrol-origin: padding; subcontrol-position: center right; }}
 QComboBox::down-arrow {{ image: url({icon_file("chevron-down", c.muted)}); width: 12px; height: 12px; }}
-QSpinBox, QDoubleSpinBox {{ padding: 6px 24px 6px 8px; }}
+QSpinBox, QDoubleSpinBox {{ padding: 5px 24px 5px 8px; }}  /* the height of a drop-down; text inset: _AppStyle */
 QSpinBox::up-button, QDoubleSpinBox::up-button, QSpinBox::down-button, QDoubleSpinBox::down-button {{
     subcontrol-origin: border; width: 20px; border: none; background: transparent; }}
 QSpinBox::up-button, QDoubleSpinBox::up-button {{ subcontrol-position: top right; margin: 3px 3px 0 0; }}
@@ -189,6 +216,13 @@ QSpinBox::up-arrow, QDoubleSpinBox::up-arrow {{ image: url({icon_file("chevron-u
 QSpinBox::down-arrow, QDoubleSpinBox::down-arrow {{ image: url({icon_file("chevron-down", c.muted, 10)});
     width: 10px; height: 10px; }}
 QDialogButtonBox {{ dialogbuttonbox-buttons-have-icons: 0; }}
+QCheckBox {{ spacing: 8px; }}
+QCheckBox::indicator {{ width: 14px; height: 14px; border: 1px solid {c.muted}; border-radius: 4px;
+    background: {c.surface}; }}
+QCheckBox::indicator:hover, QCheckBox::indicator:focus {{ border-color: {c.accent}; }}
+QCheckBox::indicator:checked {{ background: {c.accent}; border-color: {c.accent};
+    image: url({icon_file("check", c.accent_text, 12)}); }}
+QCheckBox::indicator:disabled {{ background: {c.border}; border-color: {c.border}; }}
 QComboBox QAbstractItemView {{ background: {c.surface}; color: {c.text}; border: 1px solid {c.border};
     selection-background-color: {c.selection}; selection-color: {c.text}; }}
 

@@ -56,14 +56,21 @@ class JobCard(QFrame):
         v = QVBoxLayout(self)
         v.setContentsMargins(20, 18, 20, 18)
         v.setSpacing(8)
-        top = QHBoxLayout()
         self.title = QLabel(title)
         self.title.setObjectName("CardTitle")
-        top.addWidget(self.title, 1)
-        self.badges = QHBoxLayout()
+        self.title.setWordWrap(True)
+        v.addWidget(self.title)
+        # the badges have a line of their own under the title, as tall as a badge once the card has had badges
+        # (a card without any, like an import's, has no such line): when they change (e.g. "checking this
+        # computer…" becomes "Fits this computer") no card moves, and a narrow window is not widened by them
+        self._badge_row = row = QWidget()
+        row.setFixedHeight(badge("Ag", "info").sizeHint().height())
+        row.setVisible(False)
+        self.badges = QHBoxLayout(row)
+        self.badges.setContentsMargins(0, 0, 0, 0)
         self.badges.setSpacing(6)
-        top.addLayout(self.badges)
-        v.addLayout(top)
+        self.badges.addStretch(1)
+        v.addWidget(row)
         self.body = QLabel(body)
         self.body.setWordWrap(True)
         self.body.setObjectName("Muted")
@@ -98,12 +105,17 @@ class JobCard(QFrame):
         v.addLayout(row)
 
     def set_badges(self, items: list[tuple[str, str]]) -> None:
-        while self.badges.count():
+        while self.badges.count() > 1:  # the last item is the stretch that keeps them to the left
             w = self.badges.takeAt(0).widget()
             if w is not None:
+                w.hide()  # gone now, not when the deletion is processed
                 w.deleteLater()
-        for text, kind in items:
-            self.badges.addWidget(badge(text, kind))
+        for i, (text, kind) in enumerate(items):
+            self.badges.insertWidget(i, badge(text, kind))
+        self._badge_row.setVisible(True)
+
+    def badge_texts(self) -> list[str]:
+        return [w.text() for i in range(self.badges.count()) if isinstance(w := self.badges.itemAt(i).widget(), QLabel)]
 
     def set_running(self, running: bool) -> None:
         self.progress.setVisible(running)
@@ -170,6 +182,7 @@ class JobCard(QFrame):
 class WelcomePage(QScrollArea):
     model_ready = Signal(str)  # the id of a model that is now installed
     open_models = Signal()
+    COLUMN_WIDTH = 720
 
     def __init__(self, models: ModelController) -> None:
         super().__init__()
@@ -180,10 +193,15 @@ class WelcomePage(QScrollArea):
         self._entry: Any = None
         body = QWidget()
         outer = QHBoxLayout(body)
-        outer.addStretch(1)
-        column = QVBoxLayout()
+        # the column fills a narrow window and stays at a readable width in a wide one; its width never follows
+        # its content, so a card whose badges change does not widen it
+        holder = QWidget()
+        holder.setMaximumWidth(self.COLUMN_WIDTH)
+        column = QVBoxLayout(holder)
+        column.setContentsMargins(0, 0, 0, 0)
         column.setSpacing(14)
-        outer.addLayout(column, 4)
+        outer.addStretch(1)
+        outer.addWidget(holder, 100)
         outer.addStretch(1)
         column.addStretch(1)
         logo = QLabel(alignment=Qt.AlignmentFlag.AlignCenter)
@@ -193,11 +211,12 @@ class WelcomePage(QScrollArea):
         head.setObjectName("Headline")
         column.addWidget(head)
         sub = QLabel(
-            "Chat about screenshots, documents and photos with mPLUG-Owl.\n"
+            "Chat about screenshots, documents and photos with mPLUG-Owl. "
             "The model runs on this computer: your images never leave it.",
             alignment=Qt.AlignmentFlag.AlignCenter,
         )
         sub.setObjectName("Subhead")
+        sub.setWordWrap(True)
         column.addWidget(sub)
         column.addSpacing(8)
         self.download_card = JobCard(
@@ -260,7 +279,7 @@ class WelcomePage(QScrollArea):
         name = entry_field(self._entry, "title", "name", "display_name", default=entry_key(self._entry))
         card.title.setText(str(name))
         size = entry_field(self._entry, "download_bytes", "size_bytes", "size")
-        card.set_badges([(f"{fmt.size(size)} download", "info"), fit_badge(None)])
+        card.set_badges([fit_badge(None), (f"{fmt.size(size)} download", "info")])  # the fit first: it changes
         if self.models.running(self._download_key()) is not None:
             card.set_running(True)
         elif not self._show_partial():
@@ -282,9 +301,8 @@ class WelcomePage(QScrollArea):
         size = entry_field(report, "download_needed", "download_bytes") or entry_field(
             self._entry, "download_bytes", "size_bytes", "size"
         )
-        badges = [(f"{fmt.size(size)} download", "info"), fit_badge(report)]
-        if quant := getattr(report, "quant", None):
-            badges.insert(0, (str(quant), "info"))
+        quant = getattr(report, "quant", None)
+        badges = [fit_badge(report), *[(str(quant), "info")] * bool(quant), (f"{fmt.size(size)} download", "info")]
         self.download_card.set_badges(badges)
         lines = getattr(report, "lines", None)
         if lines:

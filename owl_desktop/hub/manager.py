@@ -3,7 +3,7 @@
     from owl_desktop.hub.manager import ModelManager
     m = ModelManager()                              # models/downloads under the data dir; probes of this machine
     m.catalog()        -> list[CatalogEntry]        # the released mPLUG-Owl checkpoints, with sizes per quantization
-    m.installed()      -> list[InstalledModel]      # bundles: id, path, quant, size, source repo + commit, problem
+    m.installed()      -> list[InstalledModel]      # bundles: id, name, path, quant, size, source, problem
     m.downloads()      -> list[Download]            # download folders, partial or complete (kept sources)
     m.partial_downloads() -> list[Download]         # the unfinished ones (paused, failed, interrupted)
     m.preflight(repo_id, quant="Q4_K_M", n_ctx=2048, online=None) -> Preflight
@@ -15,6 +15,7 @@
     m.import_path(path, quant="Q4_K_M", move=False, task=None) -> Path
                        # a bundle folder (copied/moved in, hashes checked) or a checkpoint folder (converted)
     m.verify(model_id, task=None) -> InstalledModel # hashes every file; BundleError when one does not match
+    m.rename(model_id, name) -> str                 # the display name, checked and stored in the bundle's manifest
     m.remove(model_id) -> int                       # a bundle id, or a repo id to discard its download; bytes freed
     m.discard_download(repo_id) -> int
 
@@ -221,6 +222,10 @@ class ModelManager:
         model = bundle_mod.describe(folder)
         assert model is not None
         return model
+
+    def rename(self, model_id: str, name: str) -> str:
+        """Give an installed bundle a new display name (its id and folder stay); returns the name as stored."""
+        return bundle_mod.rename(self._bundle_folder(model_id), name)
 
     def remove(self, model_id: str) -> int:
         """Delete an installed bundle (by id), or a download (by repo id); returns the bytes freed."""
