@@ -100,7 +100,7 @@ def test_catalog_lists_the_releases_with_sizes_per_quantization() -> None:
         fps = e.footprints(2048)
         assert [f.quant for f in fps] == ["Q4_K_M", "Q5_K_M", "Q8_0", "F16", "F32"]
         assert all(a.bundle < b.bundle and a.ram < b.ram for a, b in zip(fps, fps[1:], strict=False))
-        assert fps[0].kv_cache == 2 * 32 * 2048 * 4096 * 34 // 32  # q8_0 K and V (the default), 32 layers, 2048 positions
+        assert fps[0].kv_cache == 2 * 32 * 2048 * 4096 * 34 // 32  # q8_0 K and V (default), 32 layers, 2048 pos.
         assert 3.7e9 < fps[0].llm_file < 4.3e9  # LLaMA-7B Q4_K_M is ~4.08 GB
     assert {"pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"} <= set(CATALOG[1].files)
     doc = lookup(ureader)

@@ -15,7 +15,6 @@ resident beside it: the weights are in memory twice.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -161,12 +160,10 @@ def run(bundle: str, configs: list[str], tokens: int, llm: Any, image: Path) -> 
             "from owl_desktop.engine.bench_memory import measure_one; "
             "print('RESULT ' + json.dumps(asdict(measure_one(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6]))))"
         )
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        done = subprocess.run(
+        done = subprocess.run(  # the app's own environment: figures for what users run
             [sys.executable, "-c", code, bundle, config, str(tokens), json.dumps(asdict(llm)), str(image)],
             capture_output=True,
             text=True,
-            env=env,
         )
         result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not result:
