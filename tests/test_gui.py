@@ -19,7 +19,7 @@ from PIL import Image
 
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import QCoreApplication, QEvent, QMimeData, QObject, Qt, QUrl, Signal  # noqa: E402
+from PySide6.QtCore import QCoreApplication, QEvent, QMimeData, QObject, Qt, QTimer, QUrl, Signal  # noqa: E402
 from PySide6.QtGui import QGuiApplication, QImage  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
@@ -233,6 +233,28 @@ def test_stop_works_when_the_question_goes_out_before_the_load_has_ended(qtbot, 
     assert answer.role == "assistant" and answer.stopped and answer.text
     assert window.state is State.READY
     qtbot.waitUntil(lambda: not window.engine.busy)  # its idle follows the answer's end, as the load's did
+
+
+def test_stop_before_the_engine_thread_takes_the_question_up_still_stops_it(qtbot, make_window, pictures) -> None:  # noqa: ANN001
+    """Stop pressed while the question still waits in the engine thread's queue (here: the thread is held busy) is
+    not lost: the question is kept and its answer ends stopped, without a word generated."""
+    window = make_window(max_new_tokens=1500)
+    release = threading.Event()
+    worker = window.engine.worker
+    QTimer.singleShot(0, worker, lambda: release.wait(ANSWER_MS / 1000))  # runs on the engine thread: it is busy
+    window.composer.add_files([pictures[0]])
+    pieces: list[str] = []
+    worker.piece.connect(pieces.append)
+    qtbot.keyClicks(window.composer.edit, "Describe it")
+    qtbot.keyClick(window.composer.edit, Qt.Key.Key_Return)
+    assert window.state is State.ANSWERING
+    qtbot.mouseClick(window.composer.send_button, Qt.MouseButton.LeftButton)  # Stop, before the thread is free
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        release.set()
+    messages = window.services.store.messages(window.current_id)
+    assert [m.role for m in messages] == ["user", "assistant"] and messages[0].text == "Describe it"
+    assert messages[1].stopped and not pieces
+    assert window.state is State.READY
 
 
 def test_regenerate_replaces_the_last_answer(qtbot, make_window, pictures) -> None:  # noqa: ANN001

@@ -292,27 +292,39 @@ class ChatService:
         text: str,
         image_sources: Sequence[ImageInput] = (),
         progress: ProgressCallback | None = None,
+        token: CancelToken | None = None,
     ) -> Iterator[ChatEvent]:
         """Store the images and the question, then stream the answer. `progress` hears the stages before the first
-        token: "storing images" and "encoding images" (done of total), then "reading the conversation"."""
-        return self._exclusive(self._token(), lambda: self._ask(conv_id, text, image_sources), progress)
+        token: "storing images" and "encoding images" (done of total), then "reading the conversation".
+        `token`: from request_token() when the request was made (default: a new one now)."""
+        return self._exclusive(token or self.request_token(), lambda: self._ask(conv_id, text, image_sources), progress)
 
-    def regenerate(self, conv_id: str, progress: ProgressCallback | None = None) -> Iterator[ChatEvent]:
+    def regenerate(
+        self, conv_id: str, progress: ProgressCallback | None = None, token: CancelToken | None = None
+    ) -> Iterator[ChatEvent]:
         """Replace the last answer with a new one (fresh seed); with an unanswered last question, answer it."""
-        return self._exclusive(self._token(), lambda: self._regenerate(conv_id), progress)
+        return self._exclusive(token or self.request_token(), lambda: self._regenerate(conv_id), progress)
 
     def edit_and_resend(
-        self, conv_id: str, user_msg_id: int, new_text: str, progress: ProgressCallback | None = None
+        self,
+        conv_id: str,
+        user_msg_id: int,
+        new_text: str,
+        progress: ProgressCallback | None = None,
+        token: CancelToken | None = None,
     ) -> Iterator[ChatEvent]:
         """Change a question's text (its images stay), drop everything after it, and answer it again."""
-        return self._exclusive(self._token(), lambda: self._edit_and_resend(conv_id, user_msg_id, new_text), progress)
+        return self._exclusive(
+            token or self.request_token(), lambda: self._edit_and_resend(conv_id, user_msg_id, new_text), progress
+        )
 
     def _report(self, stage: str, done: float, total: float | None = None, unit: str = "") -> None:
         if self._progress is not None:
             self._progress(Progress(stage, done, total, unit))
 
-    def _token(self) -> CancelToken:
-        """A use case's cancel token, made when it is asked for (not when it starts running)."""
+    def request_token(self) -> CancelToken:
+        """A use case's cancel token, made when it is asked for (not when it starts running): the window makes it as
+        the user sends, so a Stop that comes before the engine thread takes the request up still stops it."""
         token = CancelToken()
         self._live.add(token)
         return token

@@ -108,8 +108,8 @@ class EngineWorker(QObject):
         """Thread-safe: stop the background work now (a real request is coming)."""
         self._ahead.cancel()
 
-    @Slot(object, str, list)
-    def ask(self, conv_id: str, text: str, sources: list[ImageSource]) -> None:
+    @Slot(object, str, list, object)
+    def ask(self, conv_id: str, text: str, sources: list[ImageSource], token: CancelToken) -> None:
         """`sources` go into the image store with their names kept, then the question is asked about them."""
 
         def events() -> Iterable[ChatEvent]:
@@ -121,17 +121,20 @@ class EngineWorker(QObject):
             except Exception as exc:  # noqa: BLE001 - e.g. ImageError: nothing was stored, the question returns
                 self.failed.emit(conv_id, user_message(exc), False)
                 return iter(())
-            return self._service.ask(conv_id, text, stored, progress=self.stage.emit)
+            return self._service.ask(conv_id, text, stored, progress=self.stage.emit, token=token)
 
         self._run(conv_id, events)
 
-    @Slot(object)
-    def regenerate(self, conv_id: str) -> None:
-        self._run(conv_id, lambda: self._service.regenerate(conv_id, progress=self.stage.emit))
+    @Slot(object, object)
+    def regenerate(self, conv_id: str, token: CancelToken) -> None:
+        self._run(conv_id, lambda: self._service.regenerate(conv_id, progress=self.stage.emit, token=token))
 
-    @Slot(object, object, str)
-    def edit_and_resend(self, conv_id: str, user_msg_id: int, text: str) -> None:
-        self._run(conv_id, lambda: self._service.edit_and_resend(conv_id, user_msg_id, text, progress=self.stage.emit))
+    @Slot(object, object, str, object)
+    def edit_and_resend(self, conv_id: str, user_msg_id: int, text: str, token: CancelToken) -> None:
+        self._run(
+            conv_id,
+            lambda: self._service.edit_and_resend(conv_id, user_msg_id, text, progress=self.stage.emit, token=token),
+        )
 
     def stop(self) -> None:
         """Thread-safe: called directly from the GUI thread while a slot runs here."""
@@ -162,9 +165,11 @@ class EngineHost(QObject):
     """Starts the engine thread and forwards requests to the worker as queued signals."""
 
     load_requested = Signal(str)
-    ask_requested = Signal(object, str, list)
-    regenerate_requested = Signal(object)
-    edit_requested = Signal(object, object, str)
+    # each with the request's cancel token, made here as the user sends (a Stop before the engine thread takes the
+    # request up cancels it too)
+    ask_requested = Signal(object, str, list, object)
+    regenerate_requested = Signal(object, object)
+    edit_requested = Signal(object, object, str, object)
     unload_requested = Signal()
     prepare_requested = Signal(object, list, object)
 
@@ -211,17 +216,17 @@ class EngineHost(QObject):
     def ask(self, conv_id: str, text: str, sources: list[ImageSource]) -> None:
         self._cancel_ahead()
         self._pending += 1
-        self.ask_requested.emit(conv_id, text, sources)
+        self.ask_requested.emit(conv_id, text, sources, self.worker.service.request_token())
 
     def regenerate(self, conv_id: str) -> None:
         self._cancel_ahead()
         self._pending += 1
-        self.regenerate_requested.emit(conv_id)
+        self.regenerate_requested.emit(conv_id, self.worker.service.request_token())
 
     def edit_and_resend(self, conv_id: str, user_msg_id: int, text: str) -> None:
         self._cancel_ahead()
         self._pending += 1
-        self.edit_requested.emit(conv_id, user_msg_id, text)
+        self.edit_requested.emit(conv_id, user_msg_id, text, self.worker.service.request_token())
 
     def stop(self) -> None:
         self.worker.stop()
