@@ -382,3 +382,27 @@ def test_installed_models_lists_complete_bundles_only(tiny: dict[str, Path]) -> 
     finally:
         svc.close()
         svc.store.close()
+
+
+def test_a_model_load_behind_an_api_request_says_so_and_can_be_cancelled(
+    service: ChatService, tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load that waits for another program's request names that request when it gives up (not "an answer is being
+    written", which the window would not show), keeps the loaded model, and a cancelled load stops waiting at once."""
+    from owl_desktop.app import chat_service
+    from owl_desktop.app.engine_queue import API_REQUEST
+    from owl_desktop.errors import Cancelled
+    from owl_desktop.tasks import CancelToken, Task
+
+    monkeypatch.setattr(chat_service, "WAIT_FOR_ENGINE_S", 0.3)
+    loaded = service.loaded_model_id
+    with service.queue.enter(API_REQUEST):
+        with pytest.raises(EngineError) as err:
+            service.load_model(tiny["bundle"])
+        assert "local API server" in err.value.message and "not changed" in err.value.message
+        assert service.loaded_model_id == loaded
+        token = CancelToken()
+        token.cancel()
+        with pytest.raises(Cancelled):
+            service.load_model(tiny["bundle"], Task(cancel=token))
+    assert service.load_model(tiny["bundle"]) == loaded  # the engine free again: the load goes through

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from owl_desktop import bundle as bundle_mod
-from owl_desktop.app.engine_queue import WINDOW, EngineQueue, Turn
+from owl_desktop.app.engine_queue import API_REQUEST, WINDOW, EngineQueue, Turn
 from owl_desktop.app.settings import Settings
 from owl_desktop.bundle import InstalledModel
 from owl_desktop.errors import Cancelled, EngineError, OwlError
@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 SAVE_INTERVAL_S = 1.0  # the partial answer is written to the store at most this often while streaming
 NO_MODEL = "No model is loaded: download or import one in the model manager, or try the demo model."
 BUSY = "An answer is already being written; stop it or wait for it to finish."
+LOAD_WAITED_FOR = (
+    "The model was not changed: the engine is still busy with {holder}. Try again when it has finished, or turn "
+    "the local API server off in Settings."
+)
 STOPPED_WAITING = "Stopped while waiting for the model, which was answering another program's request."
 WAIT_FOR_ENGINE_S = 30.0  # a model load waits this long for the answer or API request using the engine
 
@@ -147,8 +151,16 @@ class ChatService:
 
         turn = self.queue.enter("loading the model", bounded=False)
         try:
-            if not turn.wait(WAIT_FOR_ENGINE_S):
-                raise EngineError(BUSY)
+            deadline = time.monotonic() + WAIT_FOR_ENGINE_S
+            while not turn.wait(0.05):  # an answer or another program's request holds the engine: wait, unless stopped
+                if task is not None:
+                    task.check()
+                if time.monotonic() > deadline:
+                    holder = self.queue.state.running
+                    if holder in (None, WINDOW):
+                        raise EngineError(BUSY)
+                    who = "another program's request to the local API server" if holder == API_REQUEST else holder
+                    raise EngineError(LOAD_WAITED_FOR.format(holder=who))
             self._loading = True
             if task is not None:
                 task.check()
