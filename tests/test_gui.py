@@ -1,6 +1,6 @@
 """The real window, offscreen, with the tiny demo model on the real engine thread.
 
-The model manager downloads from tests/hubserver.py (a hub on 127.0.0.1 serving the tiny checkpoint under the
+The model manager downloads from devtools/hubserver.py (a hub on 127.0.0.1 serving the tiny checkpoint under the
 default catalog id). Screenshots of the main states land in test-artifacts/screenshots/ (or $OWL_SCREENSHOT_DIR);
 the path is printed. models-light/-dark are taken mid-way through a real download from that server.
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hubserver import Fault, HubServer, point_hub_clients_at
 from PIL import Image
+
+from owl_desktop.devtools.hubserver import Fault, HubServer, point_hub_clients_at
 
 pytest.importorskip("pytestqt")
 
@@ -593,7 +594,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def hub(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
-    """tests/hubserver.py on 127.0.0.1 serving the tiny checkpoint as the default catalog repository, with
+    """devtools/hubserver.py on 127.0.0.1 serving the tiny checkpoint as the default catalog repository, with
     HF_ENDPOINT pointed at it and the offline mode of conftest lifted (also huggingface_hub's import-time copy)."""
     server = HubServer()
     server.add_repo(DEFAULT_REPO, tiny_ckpt)

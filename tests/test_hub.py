@@ -1,4 +1,4 @@
-"""The model manager against a local hub on 127.0.0.1 (tests/hubserver.py) serving a tiny random checkpoint.
+"""The model manager against a local hub on 127.0.0.1 (devtools/hubserver.py) serving a tiny random checkpoint.
 
 HF_ENDPOINT points at the server; HF_HUB_OFFLINE (set for every test in conftest) is lifted here, in the
 environment and in huggingface_hub's import-time copy of it.
@@ -20,12 +20,12 @@ from pathlib import Path
 import huggingface_hub.constants
 import numpy as np
 import pytest
-from hubserver import Fault, HubServer, point_hub_clients_at
 from PIL import Image
 
 from owl_desktop import bundle as bundle_mod
 from owl_desktop import paths
 from owl_desktop.cli import main as cli_main
+from owl_desktop.devtools.hubserver import Fault, HubServer, point_hub_clients_at
 from owl_desktop.devtools.tiny_checkpoint import checkpoint_specs, make_checkpoint, preset_config
 from owl_desktop.errors import BundleError, CheckpointError, DownloadError, DownloadPaused, PreflightError
 from owl_desktop.hub.catalog import CATALOG, DEFAULT_REPO, lookup

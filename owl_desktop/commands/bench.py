@@ -357,16 +357,20 @@ def run_latency(args: argparse.Namespace) -> int:
 def register_gui_stall(benchmarks: argparse._SubParsersAction) -> None:
     p = benchmarks.add_parser(
         "gui-stall",
-        help="the window's longest event-loop stall: background prefill, a streaming answer, a long conversation",
+        help="the window's longest event-loop stall: background prefill, streaming, a long conversation, a download",
         description=(
             "Opens the window on a throw-away data folder and measures, with a 5 ms timer probe, the longest the "
             "event loop stalls while the engine works ahead on attached images, while a 500-token answer streams "
-            "(against the same stream re-rendered whole at every flush), and while a 50-turn conversation with 20 "
-            "images is opened and scrolled."
+            "(against the same stream re-rendered whole at every flush), while a 50-turn conversation with 20 "
+            "images is opened and scrolled, and while a model download runs (from a hub the bench starts on "
+            "127.0.0.1; nothing leaves this computer)."
         ),
     )
     p.add_argument("--model", metavar="BUNDLE", help="bundle folder (default: the demo's tiny random bundle)")
     p.add_argument("--tokens-per-s", type=float, default=25.0, help="pace of the streamed answer (default 25)")
+    p.add_argument(
+        "--download-mb", type=int, default=300, help="size of the download served on 127.0.0.1 (default 300)"
+    )
     p.set_defaults(func=run_gui_stall)
 
 
@@ -377,7 +381,7 @@ def run_gui_stall(args: argparse.Namespace) -> int:
 
     model = bundle_mod.resolve(args.model) if args.model else ensure_demo_bundle()
     print(f"model: {model}")
-    print(stall_bench.run(Path(model), args.tokens_per_s).report())
+    print(stall_bench.run(Path(model), args.tokens_per_s, args.download_mb).report())
     return 0
 
 

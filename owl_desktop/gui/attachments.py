@@ -3,7 +3,8 @@
 A dropped file is a PendingImage at once (its path is what gets sent); its preview and size follow from a pool
 thread (image_intake.preview: Pillow's reduced decoding, so a 10000×8000 PNG is never refused by Qt's own
 allocation limit). A pasted bitmap becomes PNG bytes on a pool thread too, so a 50-megapixel paste does not freeze the
-window; until then its `source` is None and the composer holds a send until it is ready.
+window; until then its `source` is None and the composer holds a send until it is ready. The chat view previews
+the images of a conversation's history the same way (`PreviewPool.prepare_stored`).
 """
 
 from __future__ import annotations
@@ -156,8 +157,21 @@ class PreviewPool(QObject):
         self._running: set[int] = set()
 
     def prepare(self, image: PendingImage, bitmap: QImage | None = None) -> None:
-        self._running.add(id(image))
         work = (lambda: prepare_bitmap(image, bitmap)) if bitmap is not None else (lambda: prepare_file(image))
+        self._start(image, work)
+
+    def prepare_stored(self, image: PendingImage, locate: Callable[[], Path]) -> None:
+        """The preview of an image already stored (a chat's history): `locate` runs on the pool thread first and
+        gives the file to preview (e.g. a cached thumbnail it may have to write), so nothing of it is read here."""
+
+        def work() -> None:
+            image.source = locate()
+            prepare_file(image)
+
+        self._start(image, work)
+
+    def _start(self, image: PendingImage, work: Callable[[], None]) -> None:
+        self._running.add(id(image))
         self._pool.start(_Job(image, work, self._relay))
 
     def busy(self) -> bool:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QSize, Qt, QTimer, Signal
+import shiboken6
+from PySide6.QtCore import QCoreApplication, QElapsedTimer, QEvent, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QGuiApplication, QImage, QKeyEvent, QMouseEvent, QPixmap, QResizeEvent
 from PySide6.QtWidgets import (
     QFrame,
@@ -21,6 +24,7 @@ from PySide6.QtWidgets import (
 )
 
 from owl_desktop.gui import markdown
+from owl_desktop.gui.attachments import PendingImage, PreviewPool
 from owl_desktop.gui.format import record_summary
 from owl_desktop.gui.icons import icon, render
 from owl_desktop.gui.theme import colors, theme_bus
@@ -32,6 +36,9 @@ if TYPE_CHECKING:
 
 FLUSH_MS = 40  # streamed text is shown at most this often: one layout pass per flush, not per token
 THUMB = 96
+FILL_SLICE_MS = 8  # opening a chat: older messages are built in slices of about this much work between events
+FIRST_MESSAGES = 2  # at least the newest question and answer are built at once (then up to a slice's time)
+THUMB_CACHE = 300  # thumbnails kept (by image) so a chat opened again shows its pictures at once (~35 kB each)
 
 
 def _flat_button(name: str, tip: str, slot: Callable[[], Any]) -> QToolButton:
@@ -48,11 +55,11 @@ def _flat_button(name: str, tip: str, slot: Callable[[], Any]) -> QToolButton:
 
 
 class Thumbnail(QLabel):
-    """A clickable image thumbnail."""
+    """A clickable image thumbnail. `waiting`: its picture comes later (set_image), decoded off the GUI thread."""
 
     clicked = Signal()
 
-    def __init__(self, path: Path | QImage | None, name: str, size: int = THUMB) -> None:
+    def __init__(self, image: QImage | None, name: str, size: int = THUMB, *, waiting: bool = False) -> None:
         super().__init__()
         self.setObjectName("Thumb")
         self.setFixedSize(size, size)
@@ -61,22 +68,29 @@ class Thumbnail(QLabel):
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.setToolTip(name)
         self.setAccessibleName(f"Image {name}; press Enter to enlarge")
-        if isinstance(path, QImage) and not path.isNull():  # a question not stored yet: its preview
-            pix = QPixmap.fromImage(path)
-        else:
-            pix = QPixmap(str(path)) if isinstance(path, Path) else QPixmap()
-        if pix.isNull():
+        self.ready = False  # whether it shows its picture (or the placeholder of one that cannot be shown)
+        if not waiting:
+            self.set_image(image)
+
+    def set_image(self, image: QImage | QPixmap | None) -> None:
+        """Show `image` cropped to a square (a QPixmap is taken as already cropped); None or an empty image: the
+        placeholder of a picture that cannot be shown."""
+        self.ready = True
+        if isinstance(image, QPixmap) and not image.isNull():
+            self.setPixmap(image)
+            return
+        if image is None or image.isNull():
             self.setPixmap(render("image", 32, colors().muted, self.devicePixelRatioF()))
-        else:
-            dpr = self.devicePixelRatioF()
-            side = round((size - 4) * dpr)
-            scaled = pix.scaled(
-                side, side, Qt.AspectRatioMode.KeepAspectRatioByExpanding, Qt.TransformationMode.SmoothTransformation
-            )
-            x, y = (scaled.width() - side) // 2, (scaled.height() - side) // 2
-            cropped = scaled.copy(x, y, side, side)
-            cropped.setDevicePixelRatio(dpr)
-            self.setPixmap(cropped)
+            return
+        dpr = self.devicePixelRatioF()
+        side = round((self.width() - 4) * dpr)
+        scaled = image.scaled(
+            side, side, Qt.AspectRatioMode.KeepAspectRatioByExpanding, Qt.TransformationMode.SmoothTransformation
+        )
+        x, y = (scaled.width() - side) // 2, (scaled.height() - side) // 2
+        cropped = QPixmap.fromImage(scaled.copy(x, y, side, side))
+        cropped.setDevicePixelRatio(dpr)
+        self.setPixmap(cropped)
 
     def mouseReleaseEvent(self, event: QMouseEvent) -> None:  # noqa: N802 - Qt override
         if event.button() == Qt.MouseButton.LeftButton:
@@ -99,7 +113,13 @@ class MessageBubble(QFrame):
     image_clicked = Signal(int)
 
     def __init__(
-        self, role: str, text: str, images: Sequence[tuple[Path | QImage | None, str]] = (), msg_id: int | None = None
+        self,
+        role: str,
+        text: str,
+        images: Sequence[tuple[QImage | None, str]] = (),
+        msg_id: int | None = None,
+        *,
+        waiting: bool = False,  # the thumbnails' pictures come later (Thumbnail.set_image)
     ) -> None:
         super().__init__()
         self.role = role
@@ -118,8 +138,8 @@ class MessageBubble(QFrame):
         self._grid = QGridLayout()
         self._grid.setSpacing(6)
         self._grid_cols = 0
-        for i, (path, name) in enumerate(images):
-            thumb = Thumbnail(path, name)
+        for i, (image, name) in enumerate(images):
+            thumb = Thumbnail(image, name, waiting=waiting)
             thumb.clicked.connect(lambda i=i: self.image_clicked.emit(i))
             self._thumbs.append(thumb)
         if images:
@@ -162,6 +182,9 @@ class MessageBubble(QFrame):
         for i, thumb in enumerate(self._thumbs):
             self._grid.addWidget(thumb, i // cols, i % cols)
         self._grid.setColumnStretch(cols, 1)
+
+    def thumbnails(self) -> list[Thumbnail]:
+        return list(self._thumbs)
 
     def thumbnail_rows(self) -> int:
         return -(-len(self._thumbs) // self._grid_cols) if self._thumbs else 0
@@ -234,8 +257,21 @@ class MessageBubble(QFrame):
         self.set_text(self.text)
 
 
+@dataclass
+class _Pending:
+    """A stored message not built into a bubble yet (opening a long chat builds the newest first)."""
+
+    message: Message
+    turn: int  # the question it belongs to: 1 for the first question and its answer (0 before any)
+    notice: str  # the notice that follows it ("" for none), e.g. that old turns were left out
+
+
 class ChatView(QScrollArea):
-    """The messages of one conversation. Holds no state beyond what it shows."""
+    """The messages of one conversation. Holds no state beyond what it shows.
+
+    Opening a chat builds its newest messages at once (the view at the bottom) and the older ones above them in
+    slices of about FILL_SLICE_MS between events, keeping the distance from the bottom while the user reads up;
+    the thumbnails of stored images are decoded on the attachments' preview pool and set when ready."""
 
     regenerate_requested = Signal()
     edit_requested = Signal(object, str)  # user message id, its text
@@ -272,6 +308,16 @@ class ChatView(QScrollArea):
         self._flush_timer.timeout.connect(self.flush)
         self.flush_count = 0  # how many layout updates the stream caused (tests check it is coalesced)
         self._stick_to_bottom = True
+        self._backlog: list[_Pending] = []  # older messages still to build, oldest first (built from the end)
+        self._fill_timer = QTimer(self)
+        self._fill_timer.setSingleShot(True)
+        self._fill_timer.setInterval(0)
+        self._fill_timer.timeout.connect(self._fill_slice)
+        self._unseen_turns = 0  # the first turns the model no longer sees (their bubbles are marked)
+        self._previews = PreviewPool(self)
+        self._previews.done.connect(self._on_preview)
+        self._waiting: dict[int, tuple[Thumbnail, str]] = {}  # id(PendingImage) → its thumbnail, image sha256
+        self._thumb_cache: OrderedDict[str, QPixmap] = OrderedDict()
         self.verticalScrollBar().rangeChanged.connect(self._on_range_changed)
         self.verticalScrollBar().valueChanged.connect(self._on_scrolled)
         theme_bus().changed.connect(self._retint)
@@ -296,16 +342,31 @@ class ChatView(QScrollArea):
         v.addStretch(2)
         return box
 
-    def _image_entries(self, refs: Sequence[ImageRef]) -> list[tuple[Path | None, str]]:
-        out: list[tuple[Path | None, str]] = []
-        for ref in refs:
-            path: Path | None = None
-            try:
-                path = Path(self._images.thumbnail(ref.sha256, 256))
-            except Exception:  # noqa: BLE001 - a missing file shows a placeholder, never an error
-                path = None
-            out.append((path, ref.name or "image"))
-        return out
+    def _request_thumbnails(self, bubble: MessageBubble, refs: Sequence[ImageRef]) -> None:
+        """Each thumbnail's picture from the cache, or decoded on the preview pool (set in _on_preview)."""
+        for thumb, ref in zip(bubble.thumbnails(), refs, strict=True):
+            cached = self._thumb_cache.get(ref.sha256)
+            if cached is not None:
+                self._thumb_cache.move_to_end(ref.sha256)
+                thumb.set_image(cached)
+                continue
+            image = PendingImage(None, ref.name or "image")
+            self._waiting[id(image)] = (thumb, ref.sha256)
+            self._previews.prepare_stored(image, lambda sha=ref.sha256: Path(self._images.thumbnail(sha, 256)))
+
+    def _on_preview(self, image: PendingImage, error: str) -> None:
+        thumb, sha = self._waiting.pop(id(image), (None, ""))
+        if thumb is None or not shiboken6.isValid(thumb):
+            return  # its chat was closed meanwhile
+        thumb.set_image(None if error else image.preview)
+        if not error:
+            self._thumb_cache[sha] = thumb.pixmap()
+            while len(self._thumb_cache) > THUMB_CACHE:
+                self._thumb_cache.popitem(last=False)
+
+    def thumbnails_pending(self) -> int:
+        """How many thumbnails of the chat shown still wait for their picture."""
+        return len(self._waiting)
 
     def _full_images(self, refs: Sequence[ImageRef]) -> list[tuple[Path, str]]:
         out = []
@@ -323,8 +384,11 @@ class ChatView(QScrollArea):
         refs: Sequence[ImageRef] = (),
         msg_id: int | None = None,
         previews: Sequence[tuple[QImage, str]] = (),
+        *,
+        top: bool = False,
     ) -> MessageBubble:
-        bubble = MessageBubble(role, text, list(previews) or self._image_entries(refs), msg_id)
+        images = list(previews) or [(None, ref.name or "image") for ref in refs]
+        bubble = MessageBubble(role, text, images, msg_id, waiting=not previews)
         bubble.copy_clicked.connect(lambda b=bubble: QGuiApplication.clipboard().setText(b.text))
         bubble.regenerate_clicked.connect(self.regenerate_requested.emit)
         bubble.edit_clicked.connect(lambda b=bubble: self.edit_requested.emit(b.msg_id, b.text))
@@ -339,23 +403,31 @@ class ChatView(QScrollArea):
         else:
             h.addWidget(bubble, 0)
             h.addStretch(1)
-        self._insert_row(row, bubble)
+        self._insert_row(row, bubble, top)
         self._apply_width(bubble)
+        if refs and not previews:
+            self._request_thumbnails(bubble, refs)
         return bubble
 
-    def _insert_row(self, row: QWidget, bubble: MessageBubble | None) -> None:
+    def _insert_row(self, row: QWidget, bubble: MessageBubble | None, top: bool = False) -> None:
+        """At the end (above the stage line), or `top`: above every row."""
         self._empty.setVisible(False)
-        self._column.insertWidget(self._column.indexOf(self.stage), row)
-        self._rows.append((row, bubble))
+        if top:
+            self._column.insertWidget(self._column.indexOf(self._empty) + 1, row)
+            self._rows.insert(0, (row, bubble))
+        else:
+            self._column.insertWidget(self._column.indexOf(self.stage), row)
+            self._rows.append((row, bubble))
+        row.show()  # now (the layout would only post it): a fill slice's cost includes its rows' show
 
-    def add_notice(self, text: str) -> None:
+    def add_notice(self, text: str, *, top: bool = False) -> None:
         """A quiet line in the conversation, e.g. that old turns were left out."""
         row = QLabel(text, alignment=Qt.AlignmentFlag.AlignCenter)
         row.setObjectName("Notice")
         row.setTextFormat(Qt.TextFormat.PlainText)
         row.setWordWrap(True)
         row.setAccessibleName(text)
-        self._insert_row(row, None)
+        self._insert_row(row, None, top)
 
     # ------------------------------------------------------------ content
 
@@ -387,41 +459,131 @@ class ChatView(QScrollArea):
         self._flush_timer.stop()
         self._buffer.clear()
         self._streaming = None
-        for row, _ in self._rows:
-            row.setParent(None)
-            row.deleteLater()
-        self._rows.clear()
+        self._drop_rows(0)
+        self._unseen_turns = 0
         self._empty.setVisible(True)
 
+    def _drop_rows(self, cut: int) -> None:
+        """Remove the rows from index `cut` on; from 0, also the messages still to be built."""
+        if cut == 0:
+            self._backlog.clear()
+            self._fill_timer.stop()
+            self._hold_paint(False)
+            self._waiting.clear()  # the pictures still decoding belong to rows that go
+        for row, _ in self._rows[cut:]:
+            row.setParent(None)
+            row.deleteLater()
+        del self._rows[cut:]
+
     def show_messages(self, messages: Sequence[Message]) -> None:
-        """Show `messages` (the store's Message objects), keeping bubbles that are already right."""
-        current = [(b.msg_id, b.role, b.text) for b in self.bubbles()]
+        """Show `messages` (the store's Message objects), keeping bubbles that are already right. Into an empty view
+        (a chat opened) the newest are built at once and the older ones above them, a slice at a time."""
+        current = [(p.message.id, p.message.role, p.message.text) for p in self._backlog]
+        current += [(b.msg_id, b.role, b.text) for b in self.bubbles()]
         wanted = [(m.id, m.role, m.text) for m in messages]
         keep = 0
         while keep < min(len(current), len(wanted)) and current[keep] == wanted[keep]:
             keep += 1
-        if any(b is None for _, b in self._rows) or keep < len(current):
+        if keep < len(self._backlog):  # a message not built yet changed (or went): build them all again
+            self._drop_rows(0)
+            self._unseen_turns = 0
+            keep = 0
+        elif any(b is None for _, b in self._rows) or keep < len(current):
+            kept_bubbles = keep - len(self._backlog)
             bubble_rows = 0
             cut = len(self._rows)
             for i, (_, b) in enumerate(self._rows):
                 if b is not None:
-                    if bubble_rows == keep:
+                    if bubble_rows == kept_bubbles:
                         cut = i
                         break
                     bubble_rows += 1
-            for row, _ in self._rows[cut:]:
-                row.setParent(None)
-                row.deleteLater()
-            del self._rows[cut:]
-        for m in messages[keep:]:
-            self._add_bubble(m.role, m.text, m.images, m.id)
-            if m.role == "assistant":
-                self.bubbles()[-1].set_meta(record_summary(m.meta))
-                if dropped := m.meta.get("dropped_turns"):
-                    self.add_notice(_dropped_notice(int(dropped), self._mark_unseen(int(dropped))))
+            self._drop_rows(cut)
+        new = self._pending(messages, keep)
+        self._unseen_turns = max([self._unseen_turns, *(int(m.meta.get("dropped_turns") or 0) for m in messages)])
+        if self._rows:  # the new messages follow the bubbles shown
+            for pending in new:
+                self._build(pending)
+        else:
+            self._backlog.extend(new)
+            self._fill_first()
+        if self._unseen_turns:
+            self._mark_unseen(self._unseen_turns)
         self._empty.setVisible(not self._rows)
         self._update_actions()
         self._stick_to_bottom = True
+
+    def _pending(self, messages: Sequence[Message], start: int) -> list[_Pending]:
+        """messages[start:] with their turn and the notice after them (what the model no longer sees)."""
+        out: list[_Pending] = []
+        turn = 0
+        images_by_turn: list[int] = []  # images of the questions so far, by turn
+        for i, m in enumerate(messages):
+            if m.role == "user":
+                turn += 1
+                images_by_turn.append(len(m.images))
+            if i < start:
+                continue
+            notice = ""
+            if m.role == "assistant" and (dropped := int(m.meta.get("dropped_turns") or 0)):
+                notice = _dropped_notice(dropped, sum(images_by_turn[:dropped]))
+            out.append(_Pending(m, turn, notice))
+        return out
+
+    def _build(self, pending: _Pending, top: bool = False) -> None:
+        """The bubble of a stored message (and its notice), at the end or `top`: above every row."""
+        m = pending.message
+        if top and pending.notice:
+            self.add_notice(pending.notice, top=True)
+        bubble = self._add_bubble(m.role, m.text, m.images, m.id, top=top)
+        if m.role == "assistant":
+            bubble.set_meta(record_summary(m.meta))
+        if pending.turn <= self._unseen_turns:
+            _mark_bubble_unseen(bubble)
+        if not top and pending.notice:
+            self.add_notice(pending.notice)
+
+    def _fill_first(self) -> None:
+        """The newest messages at once (at least FIRST_MESSAGES, then for up to a slice's time); the rest follows in
+        slices. Until the view is full the viewport is not repainted, so the chat appears whole at the bottom
+        instead of growing downwards from the top for a few frames."""
+        clock = QElapsedTimer()
+        clock.start()
+        built = 0
+        while self._backlog and (built < FIRST_MESSAGES or clock.elapsed() < FILL_SLICE_MS):
+            self._build(self._backlog.pop(), top=True)
+            built += 1
+        if self._backlog:
+            self._hold_paint(True)
+            self._fill_timer.start()
+
+    def _fill_slice(self) -> None:
+        """Older messages above the ones shown, for about FILL_SLICE_MS; the next slice after the pending events.
+        A reader scrolled up keeps what they read in place: the content goes in above and the view moves with it."""
+        bar = self.verticalScrollBar()
+        if bar.maximum() > 0:  # laid out since the last slice: the view is full
+            self._hold_paint(False)
+        clock = QElapsedTimer()
+        clock.start()
+        from_bottom = None if self._stick_to_bottom else bar.maximum() - bar.value()
+        while self._backlog and clock.elapsed() < FILL_SLICE_MS:
+            self._build(self._backlog.pop(), top=True)
+        if from_bottom is not None:
+            QCoreApplication.sendPostedEvents(None, QEvent.Type.LayoutRequest)  # the new rows' heights, now
+            bar.setValue(bar.maximum() - from_bottom)
+        if self._backlog:
+            self._fill_timer.start()
+        else:
+            self._hold_paint(False)
+            self._update_actions()
+
+    def _hold_paint(self, hold: bool) -> None:
+        if self.viewport().updatesEnabled() == hold:
+            self.viewport().setUpdatesEnabled(not hold)
+
+    def filling(self) -> bool:
+        """Whether older messages of the chat shown are still being built."""
+        return bool(self._backlog)
 
     def _update_actions(self) -> None:
         bubbles = self.bubbles()
@@ -490,23 +652,23 @@ class ChatView(QScrollArea):
         self._update_actions()
 
     def _mark_unseen(self, dropped: int) -> int:
-        """Mark the first `dropped` turns (a question and its answer) as out of the model's view; their image count."""
+        """Mark the first `dropped` turns (a question and its answer) as out of the model's view; their image count.
+        Messages not built yet are marked when they are."""
+        self._unseen_turns = max(self._unseen_turns, dropped)
         images = 0
         turn = 0
-        for b in self.bubbles():
-            if b.role == "user":
+        shown: list[tuple[str, int, MessageBubble | None]] = [
+            (p.message.role, len(p.message.images), None) for p in self._backlog
+        ]
+        shown += [(b.role, len(b.thumbnails()), b) for b in self.bubbles()]
+        for role, pictures, bubble in shown:
+            if role == "user":
                 turn += 1
                 if turn > dropped:
                     break
-                images += len(b.findChildren(Thumbnail))
-            if b.property("unseen"):
-                continue
-            b.setProperty("unseen", True)
-            b.setToolTip("The model no longer sees this message: it was left out to make room in its context.")
-            if b.role == "user":
-                b.set_meta("no longer seen by the model")
-            b.style().unpolish(b)
-            b.style().polish(b)
+                images += pictures
+            if bubble is not None:
+                _mark_bubble_unseen(bubble)
         return images
 
     def unseen_bubbles(self) -> list[MessageBubble]:
@@ -555,6 +717,17 @@ class ChatView(QScrollArea):
     def _retint(self, _colors: object = None) -> None:
         for b in self.bubbles():
             b.retint()
+
+
+def _mark_bubble_unseen(bubble: MessageBubble) -> None:
+    if bubble.property("unseen"):
+        return
+    bubble.setProperty("unseen", True)
+    bubble.setToolTip("The model no longer sees this message: it was left out to make room in its context.")
+    if bubble.role == "user":
+        bubble.set_meta("no longer seen by the model")
+    bubble.style().unpolish(bubble)
+    bubble.style().polish(bubble)
 
 
 def _dropped_notice(n: int, images: int = 0) -> str:

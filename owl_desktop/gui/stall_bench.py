@@ -4,7 +4,9 @@ largest gap between its ticks) while
 - the engine works ahead in the background (images attached: encode + prefill on the engine thread);
 - a 500-token answer streams into the chat view at a 7B model's pace on a laptop (the view's real flush path), against
   the same stream rendered the way it was before (the whole answer re-rendered at every flush);
-- a long conversation (50 turns, 20 images) is opened, then scrolled from top to bottom.
+- a long conversation (50 turns, 20 images) is opened, then scrolled from top to bottom;
+- a model download runs (a few hundred MB from a hub started here on 127.0.0.1 in a process of its own,
+  devtools/hubserver.py, at the speed of loopback), with the models window open, until its bytes are in.
 
 The window runs on a throw-away data folder, with the bundle linked into it (the demo's tiny one by default).
 Goal: ≤ 50 ms each.
@@ -26,6 +28,7 @@ from PySide6.QtCore import QElapsedTimer, QEventLoop, QTimer
 from PySide6.QtWidgets import QApplication
 
 PROBE_MS = 5
+DOWNLOAD_MB = 300
 ANSWER_WORDS = (
     "The screenshot shows a **settings dialog** with three tabs; the first one is open and lists the options for "
     "the network connection, each with a short explanation under it."
@@ -67,7 +70,11 @@ class StallFigures:
     streaming_ms: int
     streaming_full_render_ms: int  # the same stream, the whole answer re-rendered at each flush
     open_long_ms: int
+    open_all_ms: float  # from the click until every message and thumbnail of that conversation was in
     scroll_long_ms: int
+    download_ms: int
+    download_mb: float
+    download_s: float  # how long that download ran
 
     def report(self) -> str:
         return "\n".join(
@@ -78,8 +85,11 @@ class StallFigures:
                 f"  a 500-token answer streaming:                  {self.streaming_ms:5d} ms",
                 f"    the same, whole answer re-rendered per flush: {self.streaming_full_render_ms:5d} ms"
                 f"   ratio {self.streaming_ms / max(1, self.streaming_full_render_ms):.3f}",
-                f"  opening a 50-turn conversation with 20 images: {self.open_long_ms:5d} ms",
+                f"  opening a 50-turn conversation with 20 images: {self.open_long_ms:5d} ms"
+                f"   (all of it in after {self.open_all_ms:.0f} ms)",
                 f"  scrolling it from top to bottom:               {self.scroll_long_ms:5d} ms",
+                f"  a {self.download_mb:.0f} MB model download from 127.0.0.1:         {self.download_ms:5d} ms"
+                f"   ({self.download_s:.1f} s, {self.download_mb / max(self.download_s, 1e-3):.0f} MB/s)",
             ]
         )
 
@@ -105,12 +115,16 @@ def _picture(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def run(bundle: Path, tokens_per_s: float = 25.0) -> StallFigures:
+def run(bundle: Path, tokens_per_s: float = 25.0, download_mb: int = DOWNLOAD_MB) -> StallFigures:
+    from owl_desktop.devtools.hubserver import ChildHub
     from owl_desktop.gui.main_window import MainWindow, State
     from owl_desktop.gui.services import build_services
+    from owl_desktop.hub.catalog import DEFAULT_REPO
+    from owl_desktop.hub.manager import ModelManager
+    from owl_desktop.hub.settings import HubSettings
 
     app = QApplication.instance() or QApplication([])
-    with tempfile.TemporaryDirectory(prefix="owl-stall-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="owl-stall-") as tmp, ChildHub(DEFAULT_REPO, download_mb) as hub:
         for var, sub in (("OWL_DATA_DIR", "data"), ("OWL_CACHE_DIR", "cache"), ("OWL_CONFIG_DIR", "config")):
             os.environ[var] = str(Path(tmp) / sub)
         from owl_desktop import paths
@@ -119,6 +133,7 @@ def run(bundle: Path, tokens_per_s: float = 25.0) -> StallFigures:
         (models / bundle.name).symlink_to(bundle.resolve(), target_is_directory=True)
         services = build_services()
         services.settings.last_model_id = bundle.name
+        services.models = ModelManager(settings=HubSettings(endpoint=hub.endpoint))  # never the real hub
         window = MainWindow(services)
         window.resize(1100, 760)
         window.show()
@@ -147,7 +162,10 @@ def run(bundle: Path, tokens_per_s: float = 25.0) -> StallFigures:
         # 3. a long conversation: open it, then scroll through it
         conv_id = _long_conversation(services, Path(tmp))
         with StallProbe() as opening:
+            t0 = time.perf_counter()
             window.open_conversation(conv_id)
+            _wait(lambda: not window.chat.filling() and not window.chat.thumbnails_pending())
+            open_all_ms = (time.perf_counter() - t0) * 1000
             _spin(0.3)
         bar = window.chat.verticalScrollBar()
         with StallProbe() as scrolling:
@@ -156,10 +174,57 @@ def run(bundle: Path, tokens_per_s: float = 25.0) -> StallFigures:
             for i in range(steps + 1):
                 bar.setValue(bar.maximum() * i // steps)
                 _spin(0.02)
+
+        # 4. a model download, as from the models window's Download button
+        downloading, download_s = _download(window, DEFAULT_REPO)
         window.engine.shutdown()
         window.close()
         app.processEvents()
-        return StallFigures(background.worst_ms, work_ms, streaming, full, opening.worst_ms, scrolling.worst_ms)
+        return StallFigures(
+            background.worst_ms,
+            work_ms,
+            streaming,
+            full,
+            opening.worst_ms,
+            open_all_ms,
+            scrolling.worst_ms,
+            downloading,
+            download_mb * 2**20 / 1e6,
+            download_s,
+        )
+
+
+def _download(window: object, repo_id: str) -> tuple[int, float]:
+    """Click Download on `repo_id`'s card in the models window; the longest stall until all its bytes are in (then
+    the job is cancelled), and how long the bytes took."""
+    from owl_desktop.hub.progress import DownloadProgress
+
+    models = window.show_models()  # type: ignore[attr-defined]
+    _spin(0.3)
+    card = models.card(repo_id)
+    if card is None:
+        raise RuntimeError(f"the models window has no card for {repo_id}")
+    controller = window.models  # type: ignore[attr-defined]
+    seen: dict[str, DownloadProgress] = {}  # the job's key → its latest report
+    ended: list[str] = []
+    controller.job_progress.connect(lambda k, p, _l: seen.update({k: p}) if isinstance(p, DownloadProgress) else None)
+    for signal in (controller.job_done, controller.job_failed, controller.job_cancelled):
+        signal.connect(lambda key, *_: None if key.startswith(("preflight:", "verify:")) else ended.append(key))
+
+    def bytes_in() -> bool:
+        return bool(ended) or any(p.total and p.done >= p.total for p in seen.values())
+
+    with StallProbe() as probe:
+        card.button.click()
+        _wait(lambda: bool(seen) or bool(ended))
+        t0 = time.perf_counter()
+        _wait(bytes_in)
+        took = time.perf_counter() - t0
+    for key in seen:
+        controller.cancel(key)
+    _wait(lambda: bool(ended))
+    models.close()
+    return probe.worst_ms, took
 
 
 def _save(folder: Path, seed: int) -> Path:

@@ -1,4 +1,5 @@
-"""A stand-in for the Hugging Face hub on 127.0.0.1, with faults to inject. Test helper, not part of the app.
+"""A stand-in for the Hugging Face hub on 127.0.0.1, with faults to inject. For the tests and `bench gui-stall`
+(a download while the window is timed); the app itself never starts it.
 
 It speaks what huggingface_hub 2.4 and owl-desktop use:
   GET  /api/models/{owner}/{name}[/revision/{rev}]   model info: sha, siblings with size, blobId and lfs {sha256,…}
@@ -8,6 +9,9 @@ It speaks what huggingface_hub 2.4 and owl-desktop use:
   GET  {cdn}/cdn/{sha256}                             the CDN: a second server on another port (another origin, so
                                                       the token must not reach it), with Range / 206 / 416
 Errors carry the hub's X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) and X-Error-Message.
+
+`ChildHub` runs one in a process of its own (as a real hub is elsewhere: its sending does not compete with the
+process being timed), serving `checkpoint_shaped_files`.
 
 Faults (`inject`): "drop" closes the connection after byte `at` of a file, "stall" sends up to `at` and then
 nothing for `seconds`, "corrupt" flips the byte at `at`, "status" answers `status` instead. Each applies to `times`
@@ -21,7 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
+import subprocess
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -105,11 +112,13 @@ class HubServer:
         return f"http://127.0.0.1:{self._hub.server_address[1]}"
 
     def add_repo(self, repo_id: str, folder: Path, *, gated: bool = False) -> HostedRepo:
-        files = {
-            p.name: HostedFile(p.name, p.read_bytes(), p.name.endswith(LFS_SUFFIXES))
-            for p in sorted(Path(folder).iterdir())
-            if p.is_file()
-        }
+        """The files of `folder` (not its subfolders) as repository `repo_id`."""
+        found = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+        return self.add_files(repo_id, found, gated=gated)
+
+    def add_files(self, repo_id: str, contents: dict[str, bytes], *, gated: bool = False) -> HostedRepo:
+        """Repository `repo_id` holding `contents` (name → bytes), e.g. made in memory."""
+        files = {name: HostedFile(name, data, name.endswith(LFS_SUFFIXES)) for name, data in sorted(contents.items())}
         commit = hashlib.sha1(repo_id.encode() + b"".join(f.sha256.encode() for f in files.values())).hexdigest()
         repo = HostedRepo(repo_id, files, commit, gated)
         with self.state.lock:
@@ -413,3 +422,62 @@ def point_hub_clients_at(server: HubServer, monkeypatch: Any, tmp_path: Path) ->
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+
+
+def checkpoint_shaped_files(megabytes: int, shards: int = 3, seed: int = 7) -> dict[str, bytes]:
+    """The files a pull downloads: a tiny model's config.json, a tokenizer stand-in and `megabytes` of random weight
+    shards with their index. For timing a download only: a conversion would refuse the random shards."""
+    from owl_desktop.devtools.tiny_checkpoint import hf_config_dict, preset_config
+
+    rng = random.Random(seed)
+    names = [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
+    files = {name: rng.randbytes(megabytes * 2**20 // shards) for name in names}
+    index = {"metadata": {"total_size": sum(map(len, files.values()))}, "weight_map": {}}
+    files["pytorch_model.bin.index.json"] = json.dumps(index).encode()
+    files["config.json"] = json.dumps(hf_config_dict(preset_config("tiny"))).encode()
+    files["tokenizer.model"] = rng.randbytes(4096)
+    return files
+
+
+class ChildHub:
+    """A HubServer on 127.0.0.1 in a child process, serving checkpoint_shaped_files(megabytes) as `repo_id`; it
+    stops when the context ends (or when this process does: it serves until its stdin closes)."""
+
+    def __init__(self, repo_id: str, megabytes: int) -> None:
+        self.repo_id, self.megabytes = repo_id, megabytes
+        self.endpoint = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> ChildHub:
+        cmd = [sys.executable, "-m", "owl_desktop.devtools.hubserver", self.repo_id, str(self.megabytes)]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        self.endpoint = self._proc.stdout.readline().strip()
+        if not self.endpoint.startswith("http://127.0.0.1:"):
+            self.__exit__()
+            raise RuntimeError("the local hub did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+
+def _serve_until_stdin_closes(repo_id: str, megabytes: int) -> None:
+    server = HubServer()
+    server.add_files(repo_id, checkpoint_shaped_files(megabytes))
+    with server:
+        print(server.endpoint, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    _serve_until_stdin_closes(sys.argv[1], int(sys.argv[2]))
