@@ -306,7 +306,9 @@ def test_restart_finds_the_conversation_with_its_images(qtbot, make_window, pict
     bubbles = again.chat.bubbles()
     assert [b.text for b in bubbles] == ["Compare the two", answer]
     thumbs = bubbles[0].findChildren(Thumbnail)
-    assert len(thumbs) == 2 and all(not t.pixmap().isNull() for t in thumbs)
+    assert len(thumbs) == 2
+    qtbot.waitUntil(lambda: all(t.ready for t in thumbs))  # decoded on the preview pool
+    assert all(not t.pixmap().isNull() for t in thumbs)
     assert "tok/s" in bubbles[1].meta.text()
 
 

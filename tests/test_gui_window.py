@@ -110,6 +110,7 @@ def test_model_text_is_inert_and_small(qtbot, make_window) -> None:  # noqa: ANN
     store.add_message(conv.id, "user", "again")
     store.add_message(conv.id, "assistant", "", meta={"state": "stopped"})
     window.open_conversation(conv.id)
+    qtbot.waitUntil(lambda: not window.chat.filling())  # older messages are built after the newest
     assert window.title.text() == '<img src="/dev/zero"> title'
     assert window.title.textFormat() == Qt.TextFormat.PlainText
     answer = window.chat.bubbles()[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import shiboken6
-from PySide6.QtCore import QCoreApplication, QElapsedTimer, QEvent, QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QElapsedTimer, QEvent, QObject, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QGuiApplication, QImage, QKeyEvent, QMouseEvent, QPixmap, QResizeEvent
 from PySide6.QtWidgets import (
     QFrame,
@@ -257,6 +257,17 @@ class MessageBubble(QFrame):
         self.set_text(self.text)
 
 
+class _MoveWatch(QObject):
+    """Says when the widget it filters moves."""
+
+    moved = Signal()
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt override
+        if event.type() == QEvent.Type.Move:
+            self.moved.emit()
+        return False
+
+
 @dataclass
 class _Pending:
     """A stored message not built into a bubble yet (opening a long chat builds the newest first)."""
@@ -314,6 +325,15 @@ class ChatView(QScrollArea):
         self._fill_timer.setInterval(0)
         self._fill_timer.timeout.connect(self._fill_slice)
         self._unseen_turns = 0  # the first turns the model no longer sees (their bubbles are marked)
+        self._anchor: QWidget | None = None  # while older rows go in above: the row that keeps its place on screen
+        self._anchor_offset = 0  # where it is: its y in the content less the scroll position
+        self._anchoring = False
+        self._anchor_watch = _MoveWatch(self)
+        self._anchor_watch.moved.connect(self._keep_anchor)
+        self._anchor_timer = QTimer(self)
+        self._anchor_timer.setSingleShot(True)
+        self._anchor_timer.setInterval(200)
+        self._anchor_timer.timeout.connect(lambda: self._set_anchor(None))
         self._previews = PreviewPool(self)
         self._previews.done.connect(self._on_preview)
         self._waiting: dict[int, tuple[Thumbnail, str]] = {}  # id(PendingImage) → its thumbnail, image sha256
@@ -469,6 +489,8 @@ class ChatView(QScrollArea):
             self._backlog.clear()
             self._fill_timer.stop()
             self._hold_paint(False)
+        if any(row is self._anchor for row, _ in self._rows[cut:]):
+            self._set_anchor(None)
             self._waiting.clear()  # the pictures still decoding belong to rows that go
         for row, _ in self._rows[cut:]:
             row.setParent(None)
@@ -565,17 +587,35 @@ class ChatView(QScrollArea):
             self._hold_paint(False)
         clock = QElapsedTimer()
         clock.start()
-        from_bottom = None if self._stick_to_bottom else bar.maximum() - bar.value()
+        if not self._stick_to_bottom and self._anchor is None and self._rows:
+            self._set_anchor(self._rows[0][0])  # every later row goes in above it
         while self._backlog and clock.elapsed() < FILL_SLICE_MS:
             self._build(self._backlog.pop(), top=True)
-        if from_bottom is not None:
-            QCoreApplication.sendPostedEvents(None, QEvent.Type.LayoutRequest)  # the new rows' heights, now
-            bar.setValue(bar.maximum() - from_bottom)
         if self._backlog:
             self._fill_timer.start()
         else:
             self._hold_paint(False)
             self._update_actions()
+            self._anchor_timer.start()  # kept until the last rows are laid out
+
+    def _set_anchor(self, row: QWidget | None) -> None:
+        """While older messages go in above: `row` stays where it is in the viewport (the reader's place)."""
+        self._anchor_timer.stop()
+        if self._anchor is not None and shiboken6.isValid(self._anchor):
+            self._anchor.removeEventFilter(self._anchor_watch)
+        self._anchor = row
+        if row is not None:
+            row.installEventFilter(self._anchor_watch)
+            self._anchor_offset = row.y() - self.verticalScrollBar().value()
+
+    def _keep_anchor(self) -> None:
+        if self._anchor is None or self._stick_to_bottom:
+            return
+        self._anchoring = True
+        try:
+            self.verticalScrollBar().setValue(self._anchor.y() - self._anchor_offset)
+        finally:
+            self._anchoring = False
 
     def _hold_paint(self, hold: bool) -> None:
         if self.viewport().updatesEnabled() == hold:
@@ -709,10 +749,16 @@ class ChatView(QScrollArea):
     def _on_range_changed(self, _lo: int, hi: int) -> None:
         if self._stick_to_bottom:
             self.verticalScrollBar().setValue(hi)
+        else:
+            self._keep_anchor()
 
     def _on_scrolled(self, value: int) -> None:
+        if self._anchoring:
+            return  # the view keeping the reader's place, not the reader moving
         bar = self.verticalScrollBar()
         self._stick_to_bottom = value >= bar.maximum() - 40
+        if self._anchor is not None:
+            self._anchor_offset = self._anchor.y() - value
 
     def _retint(self, _colors: object = None) -> None:
         for b in self.bubbles():
