@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from owl_desktop.app.settings import Settings
-from owl_desktop.gui import attachments
+from owl_desktop.gui import attachments, gc_pauses
 from owl_desktop.gui.api_server import ApiServerToggle
 from owl_desktop.gui.attachments import PendingImage
 from owl_desktop.gui.chat_view import ChatView
@@ -371,6 +371,7 @@ class MainWindow(QMainWindow):
     def start_background_work(self) -> None:
         """After show_start_page: load the model chosen there on the engine thread (this imports the engine), or
         check on the pool how the welcome page's model would fit this computer; start the local API server if on."""
+        gc_pauses.settle()  # what start-up made lives as long as the window
         if self._start_model is not None:
             self.load_model(self._start_model)
         elif self.pages.currentWidget() is self.welcome:
@@ -418,6 +419,7 @@ class MainWindow(QMainWindow):
             self.status.set_activity(f"{p.stage}…", p.fraction, True)
 
     def _on_model_loaded(self, model_id: str, device: str) -> None:
+        gc_pauses.settle()  # the engine's modules and the model's objects: no full collection walks them again
         self.status.set_model(self.models.display_name(model_id), device)
         self.status.set_activity("")
         self.set_state(State.READY)
