@@ -281,8 +281,8 @@ class ChatView(QScrollArea):
     """The messages of one conversation. Holds no state beyond what it shows.
 
     Opening a chat builds its newest messages at once (the view at the bottom) and the older ones above them in
-    slices of about FILL_SLICE_MS between events, keeping the distance from the bottom while the user reads up;
-    the thumbnails of stored images are decoded on the attachments' preview pool and set when ready."""
+    slices of about FILL_SLICE_MS between events; a reader who scrolled up meanwhile keeps what they read in place.
+    The thumbnails of stored images are decoded on the attachments' preview pool and set when ready."""
 
     regenerate_requested = Signal()
     edit_requested = Signal(object, str)  # user message id, its text
@@ -489,9 +489,9 @@ class ChatView(QScrollArea):
             self._backlog.clear()
             self._fill_timer.stop()
             self._hold_paint(False)
+            self._waiting.clear()  # the pictures still decoding belong to rows that go
         if any(row is self._anchor for row, _ in self._rows[cut:]):
             self._set_anchor(None)
-            self._waiting.clear()  # the pictures still decoding belong to rows that go
         for row, _ in self._rows[cut:]:
             row.setParent(None)
             row.deleteLater()
