@@ -38,6 +38,7 @@ FLUSH_MS = 40  # streamed text is shown at most this often: one layout pass per 
 THUMB = 96
 FILL_SLICE_MS = 8  # opening a chat: older messages are built in slices of about this much work between events
 FIRST_MESSAGES = 2  # at least the newest question and answer are built at once (then up to a slice's time)
+TRASH_BATCH = 20  # rows of a chat that was left deleted per turn of the event loop
 THUMB_CACHE = 300  # thumbnails kept (by image) so a chat opened again shows its pictures at once (~35 kB each)
 
 
@@ -334,6 +335,11 @@ class ChatView(QScrollArea):
         self._anchor_timer.setSingleShot(True)
         self._anchor_timer.setInterval(200)
         self._anchor_timer.timeout.connect(lambda: self._set_anchor(None))
+        self._trash: list[QWidget] = []  # rows that went, hidden, to be deleted a batch at a time
+        self._trash_timer = QTimer(self)
+        self._trash_timer.setSingleShot(True)
+        self._trash_timer.setInterval(0)
+        self._trash_timer.timeout.connect(self._empty_trash)
         self._previews = PreviewPool(self)
         self._previews.done.connect(self._on_preview)
         self._waiting: dict[int, tuple[Thumbnail, str]] = {}  # id(PendingImage) → its thumbnail, image sha256
@@ -493,9 +499,21 @@ class ChatView(QScrollArea):
         if any(row is self._anchor for row, _ in self._rows[cut:]):
             self._set_anchor(None)
         for row, _ in self._rows[cut:]:
-            row.setParent(None)
-            row.deleteLater()
+            self._column.removeWidget(row)
+            row.hide()
+            self._trash.append(row)
         del self._rows[cut:]
+        if self._trash:
+            self._trash_timer.start()
+
+    def _empty_trash(self) -> None:
+        """Rows that went are deleted a batch per turn of the event loop: a long chat's 1,000 widgets at once would
+        hold it up as long as building a slice does."""
+        batch, self._trash = self._trash[:TRASH_BATCH], self._trash[TRASH_BATCH:]
+        for row in batch:
+            row.deleteLater()
+        if self._trash:
+            self._trash_timer.start()
 
     def show_messages(self, messages: Sequence[Message]) -> None:
         """Show `messages` (the store's Message objects), keeping bubbles that are already right. Into an empty view

@@ -493,6 +493,9 @@ class MainWindow(QMainWindow):
     def _prepare_ahead(self) -> None:
         if self.state is not State.READY or self.engine.busy:
             return  # an answer or a load runs; the next change (or the answer's end) schedules it again
+        if self.chat.filling():
+            self.schedule_prepare()  # the chat just opened is built first: both would share the same cores
+            return
         sources = [(img.source, img.name) for img in self.composer.images()]
         self.engine.prepare(self.current_id, sources)
 
