@@ -91,8 +91,8 @@ class VariantBench:
         prefill, decode = self.fastest("prefill"), self.fastest("decode")
         if prefill is not None and decode is not None:
             lines.append(
-                f"fastest: prefill {prefill.label} ({_ratio(prefill.prefill_ratio)}); "
-                f"decode {decode.label} ({_ratio(decode.decode_ratio)})"
+                f"fastest: prefill {prefill.label} ({_ratio(prefill.prefill_ratio).strip()}); "
+                f"decode {decode.label} ({_ratio(decode.decode_ratio).strip()})"
             )
         short = [r for r in self.measured if r.decode_tokens < self.tokens]
         if short:
