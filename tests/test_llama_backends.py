@@ -190,3 +190,42 @@ def test_vulkan_through_lavapipe_gives_the_cpu_greedy_tokens(
     assert str(there["llm_device"]).startswith("Vulkan: llvmpipe")
     assert len(here["token_ids"]) == 12
     assert there["token_ids"] == here["token_ids"]
+
+
+@dispatching
+def test_bench_variants_sets_each_configuration_against_the_automatic_one(
+    tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Structure, not speed: the baseline first, its ratios 1.00, a variant not in the build skipped with the reason."""
+    info = backends()
+    auto, lower = info.automatic_variant, info.runnable_variants[-1]
+    if lower == auto:
+        pytest.skip("this computer runs a single CPU variant")
+    args = ["bench", "variants", "--model", str(tiny["f16"]), "--variants", auto, lower, "no-such-cpu"]
+    assert cli_main([*args, "--positions", "8", "--tokens", "4", "--repeats", "1", "--threads", "2", "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    report = json.loads(out[-1])
+    runs = report["runs"]
+    assert [(r["variant"], r["repack"]) for r in runs] == [
+        (auto, False),
+        (auto, True),
+        (lower, False),
+        ("no-such-cpu", False),
+    ]
+    base, repacked, low, missing = runs
+    assert base["automatic"] and repacked["automatic"] and not low["automatic"]
+    assert (base["prefill_ratio"], base["decode_ratio"]) == (1.0, 1.0)
+    assert base["features"] == list(info.cpu_isa) and set(low["features"]) < set(base["features"])
+    for r in (base, repacked, low):
+        assert not r["skipped"]
+        assert r["load_s"] > 0 and r["prefill_per_s"] > 0 and r["decode_per_s"] > 0
+        assert r["prefill_ratio"] == round(r["prefill_per_s"] / base["prefill_per_s"], 3)
+        assert r["decode_ratio"] == round(r["decode_per_s"] / base["decode_per_s"], 3)
+    assert missing["skipped"].startswith("not in this llama.cpp build")
+    fastest = max((base, repacked, low), key=lambda r: r["prefill_per_s"])
+    mark, repack = " (auto)" if fastest["automatic"] else "", "on" if fastest["repack"] else "off"
+    assert report["fastest"]["prefill"] == f"{fastest['variant']}{mark}, repack {repack}"
+    assert (report["positions"], report["tokens"], report["threads"]) == (8, 4, 2)
+    text = "\n".join(out[:-1])
+    assert f"{auto} (auto)" in text and "( 1.00x)" in text and "skipped: not in this llama.cpp build" in text
+    assert "ratios against" in text and "fastest: prefill" in text

@@ -281,6 +281,68 @@ def run_memory(args: argparse.Namespace) -> int:
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# bench variants (the measurement lives in owl_desktop/engine/variant_bench.py)
+
+
+def register_variants(benchmarks: argparse._SubParsersAction) -> None:
+    from owl_desktop.engine.variant_bench import REPACK_CHOICES
+
+    p = benchmarks.add_parser(
+        "variants",
+        help="llama.cpp's CPU variants (AVX-512, AVX2, ...) and repacked weights: load, prefill, decode",
+        description=(
+            "Runs one bundle's GGUF through the engine on the CPU once per configuration, each in a fresh process "
+            "(llama.cpp's CPU variant is chosen once per process): load, then, best of N, a prefill of random token "
+            "ids (fixed seed) and a greedy decode. Each figure is set against the automatically picked variant "
+            "without repacked weights, measured in the same run, and the fastest configuration for prefill and for "
+            "decode is named. By default: the automatic variant with and without repacking, and without repacking "
+            "the best AVX-512 variant, haswell (AVX2) and x64 where this computer runs them. Variants that cannot "
+            "run here are reported as skipped."
+        ),
+    )
+    p.add_argument("--model", metavar="BUNDLE", help="bundle folder or id (default: the demo's tiny random bundle)")
+    p.add_argument("--variants", nargs="+", metavar="NAME", help="CPU variants to compare (default: see above)")
+    p.add_argument(
+        "--repack",
+        choices=REPACK_CHOICES,
+        help="repacked weights for every variant (default: both for the automatic variant, off for the others)",
+    )
+    p.add_argument("--positions", type=int, default=128, metavar="N", help="prefill positions (default: 128)")
+    p.add_argument("--tokens", type=int, default=32, metavar="N", help="greedy decode tokens (default: 32)")
+    p.add_argument("--repeats", type=int, default=2, help="best of N prefills and decodes per process (default: 2)")
+    p.add_argument("--threads", type=int, metavar="N", help="LLM threads (default: physical cores)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    p.set_defaults(func=run_variants)
+
+
+def run_variants(args: argparse.Namespace) -> int:
+    import json
+
+    from owl_desktop.devtools.demo import ensure_demo_bundle
+    from owl_desktop.engine import variant_bench
+
+    model = str(args.model or ensure_demo_bundle())
+    try:
+        result = variant_bench.run(
+            model,
+            args.variants,
+            args.repack,
+            positions=args.positions,
+            tokens=args.tokens,
+            repeats=args.repeats,
+            threads=args.threads,
+        )
+    except ValueError as exc:
+        print(exc)
+        return 2
+    print(f"model: {model}")
+    print(result.report())
+    if args.json:
+        print(json.dumps(variant_bench.as_dict(result)))
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # bench serve (the measurement lives in owl_desktop/server/bench.py)
 
 
@@ -390,6 +452,7 @@ BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_convert,
     register_engine,
     register_memory,
+    register_variants,
     register_serve,
     register_latency,
     register_gui_stall,

@@ -15,13 +15,13 @@ resident beside it: the weights are in memory twice.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from owl_desktop.engine.bench_child import ChildFailed, run_measurement
 
 CONFIGS: dict[str, dict[str, bool]] = {
     "mmap, no repack": {"use_mmap": True, "repack": False},
@@ -70,13 +70,12 @@ def _peak() -> float:
     return 0.0
 
 
-def measure_one(bundle: str, config: str, tokens: int, llm_json: str, image: str) -> MemoryRun:
+def measure_one(bundle: str, config: str, tokens: int, llm: dict[str, Any], image: str) -> MemoryRun:
     """Child-process body: one configuration from load to the last token, with these LlmSettings fields."""
     from owl_desktop.engine.options import LlmSettings, Sampling
     from owl_desktop.engine.pipeline import ChatPipeline, EngineSettings
 
-    llm = LlmSettings(**{**json.loads(llm_json), **CONFIGS[config]})
-    settings = EngineSettings(llm=llm, disk_cache=False)
+    settings = EngineSettings(llm=LlmSettings(**{**llm, **CONFIGS[config]}), disk_cache=False)
     t0 = time.perf_counter()
     pipe = ChatPipeline.open(bundle, settings)
     load_s = time.perf_counter() - t0
@@ -155,23 +154,11 @@ def run(bundle: str, configs: list[str], tokens: int, llm: Any, image: Path) -> 
     vision = b.files[bundle_mod.VISION_FILE].size
     lines = [f"bundle {b.id}: LLM {weights / 1e9:.2f} GB ({b.quant}), vision {vision / 1e9:.2f} GB"]
     for config in configs:
-        code = (
-            "import json, sys; from dataclasses import asdict; "
-            "from owl_desktop.engine.bench_memory import measure_one; "
-            "print('RESULT ' + json.dumps(asdict(measure_one(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6]))))"
-        )
-        done = subprocess.run(  # the app's own environment: figures for what users run
-            [sys.executable, "-c", code, bundle, config, str(tokens), json.dumps(asdict(llm)), str(image)],
-            capture_output=True,
-            text=True,
-        )
-        result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not result:
-            lines.append(
-                f"{config}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode})"
-            )
-            continue
-        runs.append(MemoryRun(**json.loads(result[0][len("RESULT ") :])))
+        kwargs = {"bundle": bundle, "config": config, "tokens": tokens, "llm": asdict(llm), "image": str(image)}
+        try:
+            runs.append(MemoryRun(**run_measurement(f"{__name__}:measure_one", kwargs)))
+        except ChildFailed as exc:
+            lines.append(f"{config}: failed ({exc})")
     bandwidth = read_bandwidth_gbs(weights, n_threads)
     lines.append(f"plain read of {weights / 1e9:.2f} GB with {n_threads} threads: {bandwidth:.1f} GB/s")
     if not runs:

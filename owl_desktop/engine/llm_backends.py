@@ -89,15 +89,25 @@ class LlamaBackends:
     amx_trap: bool = False  # the CPU code has AMX kernels the kernel does not enable (a -march=native build only)
 
     @property
+    def automatic_variant(self) -> str:
+        """The CPU variant a process gets without OWL_LLAMA_CPU_VARIANT: the best runnable ("built-in" without
+        run-time dispatch). Differs from cpu_variant where that variable forces another."""
+        return self.runnable_variants[0] if self.runnable_variants else self.cpu_variant
+
+    @property
     def gpu(self) -> GpuDevice | None:
         """The GPU llama.cpp will use (discrete before integrated, as llama.cpp picks), or None for CPU only."""
         discrete = [d for d in self.gpu_devices if not d.integrated]
         return (discrete or list(self.gpu_devices) or [None])[0]
 
+    @property
+    def cpu_isa(self) -> tuple[str, ...]:
+        """The instruction sets of cpu_features worth naming (SSE3 and SSSE3 are on every x86-64 variant but x64)."""
+        return tuple(f for f in self.cpu_features if f not in ("SSE3", "SSSE3"))
+
     def summary(self) -> str:
         """One line, e.g. "CPU zen4 (AVX2 AVX512 AVX512_VNNI AVX512_BF16) · GPU Vulkan: NVIDIA GeForce RTX 4070"."""
-        isa = [f for f in self.cpu_features if f not in ("SSE3", "SSSE3")]
-        cpu = f"CPU {self.cpu_variant}" + (f" ({' '.join(isa)})" if isa else "")
+        cpu = f"CPU {self.cpu_variant}" + (f" ({' '.join(self.cpu_isa)})" if self.cpu_isa else "")
         gpu = self.gpu
         if gpu is not None:
             return f"{cpu} · GPU {gpu.backend}: {gpu.description}"
