@@ -118,6 +118,30 @@ def test_attached_image_is_ready_when_sent(qtbot, window: MainWindow, pictures: 
     assert record.token_ids == _cold_tokens(window.services.chat, pictures[:1], "What is on the screen?", system)
 
 
+def test_sent_with_the_same_images_the_work_ahead_goes_on(qtbot, window: MainWindow, pictures: list[Path]) -> None:  # noqa: ANN001
+    """Enter while the work ahead for these very images is still queued or running: that work is what the answer
+    needs first, so it is finished rather than thrown away, and the answer only prefills the question."""
+    release = threading.Event()
+    QTimer.singleShot(0, window.engine.worker, lambda: release.wait(WAIT_MS / 1000))  # the engine thread is busy
+    requested: list[object] = []
+    window.engine.prepare_requested.connect(lambda *args: requested.append(args))
+    records: list[PrepareRecord | None] = []
+    window.engine.worker.prepared.connect(records.append)
+    window.composer.add_files(pictures[:1])
+    qtbot.waitUntil(lambda: bool(requested), timeout=WAIT_MS)  # the work ahead waits behind the busy thread
+    answers: list[AnswerRecord] = []
+    window.engine.worker.finished.connect(lambda _c, _m, r: answers.append(r))
+    window.composer.edit.setPlainText("What is on the screen?")
+    window.composer.submit()  # Enter before the work ahead could even start
+    release.set()
+    qtbot.waitUntil(lambda: bool(answers) and window.state is State.READY, timeout=WAIT_MS)
+    prep = records[-1]
+    assert prep is not None and not prep.cancelled and prep.positions > 65
+    assert answers[-1].reused_positions >= prep.positions and answers[-1].encode_ms == 0
+    system = window.services.settings.system_prompt
+    assert answers[-1].token_ids == _cold_tokens(window.services.chat, pictures[:1], "What is on the screen?", system)
+
+
 def test_removed_image_is_left_out(qtbot, window: MainWindow, pictures: list[Path]) -> None:  # noqa: ANN001
     prep = _wait_prepared(qtbot, window, lambda: window.composer.add_files(pictures[:2]))
     assert prep.positions > 2 * 65

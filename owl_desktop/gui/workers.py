@@ -213,8 +213,12 @@ class EngineHost(QObject):
         self._pending += 1
         self.load_requested.emit(ref)
 
-    def ask(self, conv_id: str, text: str, sources: list[ImageSource]) -> None:
-        self._cancel_ahead()
+    def ask(self, conv_id: str, text: str, sources: list[ImageSource], *, continues_ahead: bool = False) -> None:
+        """`continues_ahead`: the question goes with the very images and conversation the last prepare() worked on,
+        so what that work still computes is what the answer needs first: it goes on (the answer waits for nothing it
+        would not compute itself) instead of being thrown away half-way through a batch."""
+        if not continues_ahead:
+            self._cancel_ahead()
         self._pending += 1
         self.ask_requested.emit(conv_id, text, sources, self.worker.service.request_token())
 
