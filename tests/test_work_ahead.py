@@ -229,3 +229,27 @@ def test_streamed_answer_renders_each_finished_block_once(qtbot) -> None:  # noq
     assert view.streaming_text().strip() == text
     view.finish_answer(None, None)
     assert bubble.text.strip() == text and "Paragraph 5" in bubble.label.text() and "Paragraph 0" in bubble.label.text()
+
+
+def test_bench_latency_runs_on_the_tiny_bundle(demo_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`owl-desktop bench latency` end to end on the demo bundle; its structural figures (positions, not times):
+    a 5-second head start leaves the ask only the question, and a conversation that overflows its context drops
+    old turns in steps, re-prefilling more than half the context in fewer turns than dropping just enough."""
+    import json
+
+    from owl_desktop.cli import main as cli_main
+
+    args = ["bench", "latency", "--model", str(demo_bundle), "--repeats", "1", "--turns", "12", "--n-ctx", "512"]
+    assert cli_main([*args, "--json"]) == 0
+    out = capsys.readouterr().out
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert "(goal <= 0.2)" in out and "saving" in out and "ratio first / steady" in out
+    ask_only = figures["head_start_positions"]["5.0"]
+    assert 0 < ask_only < figures["cold_positions"] - 65  # the image and the prompt before the question were ready
+
+    def big(turns: list[dict[str, float]]) -> int:
+        return sum(t["new_positions"] > 256 for t in turns)
+
+    steps, just_enough = figures["turns"], figures["turns_just_enough"]
+    assert max(t["dropped_turns"] for t in steps) > 0 and max(t["dropped_turns"] for t in just_enough) > 0
+    assert big(steps) < big(just_enough)
