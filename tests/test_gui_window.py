@@ -12,8 +12,8 @@ from PIL import Image
 
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import QObject, Qt, Slot  # noqa: E402
-from PySide6.QtWidgets import QApplication, QDialog  # noqa: E402
+from PySide6.QtCore import QEvent, QObject, QPoint, QRect, Qt, Slot  # noqa: E402
+from PySide6.QtWidgets import QApplication, QDialog, QLabel, QWidget  # noqa: E402
 from test_gui import (  # noqa: E402, F401
     ANSWER_MS,
     ask,
@@ -26,7 +26,7 @@ from test_gui import (  # noqa: E402, F401
 )
 
 from owl_desktop.gui.format import answer_speed, stage_line  # noqa: E402
-from owl_desktop.gui.main_window import State  # noqa: E402
+from owl_desktop.gui.main_window import MainWindow, State  # noqa: E402
 from owl_desktop.gui.theme import apply_theme  # noqa: E402
 from owl_desktop.tasks import Progress  # noqa: E402
 
@@ -261,6 +261,81 @@ def test_screenshots_for_issue_14(qtbot, make_window, tmp_path) -> None:  # noqa
         settings.reject()
         window.close()
     print(f"screenshots in {screenshot_dir()}")
+
+
+def _in_window(widget: QWidget, window: QWidget) -> QRect:
+    return QRect(widget.mapTo(window, QPoint(0, 0)), widget.size())
+
+
+def _layout_faults(window: MainWindow) -> list[str]:
+    """What is wrong with the bubbles' layout once it has settled: a bubble shorter than its content, text cut off (a
+    label shorter than its text at its width), thumbnails over each other or over the question, anything outside its
+    bubble. Geometry in the window's coordinates."""
+    for _ in range(4):  # the layout passes the resize set off, and the ones those set off
+        QApplication.sendPostedEvents(None, QEvent.Type.LayoutRequest)
+        QApplication.processEvents()
+    faults = []
+    for n, bubble in enumerate(window.chat.bubbles()):
+        where = f"bubble {n} ({bubble.role}, {bubble.width()} px wide)"
+        box = _in_window(bubble, window)
+        if bubble.height() < (needed := bubble.heightForWidth(bubble.width())):
+            faults.append(f"{where}: {bubble.height()} px tall, its content needs {needed}")
+        for label in [*bubble.findChildren(QLabel, "BubbleText"), bubble.meta]:
+            if label.isVisible() and label.height() < (needed := label.heightForWidth(label.width())):
+                faults.append(f"{where}: {label.objectName()} {label.height()} px tall, its text needs {needed}")
+            if label.isVisible() and not box.contains(_in_window(label, window)):
+                faults.append(f"{where}: {label.objectName()} outside the bubble")
+        thumbs = bubble.thumbnails()
+        if thumbs:
+            grid = QRect()
+            for thumb in thumbs:
+                grid = grid.united(_in_window(thumb, window))
+            rects = [_in_window(t, window) for t in thumbs]
+            if any(a.intersects(b) for i, a in enumerate(rects) for b in rects[i + 1 :]):
+                faults.append(f"{where}: thumbnails overlap each other")
+            if grid.intersects(_in_window(bubble.label, window)):
+                faults.append(f"{where}: the images {grid} overlap the question {_in_window(bubble.label, window)}")
+            if not box.contains(grid):
+                faults.append(f"{where}: the images {grid} reach outside the bubble {box}")
+    return faults
+
+
+LONG_QUESTION = (  # more than four lines at 80 characters: Qt's sizeHint for it is then wider than a narrow bubble
+    "Which of these screenshots shows the settings page, and what changed between the first and the last one? "
+    "Look at the toolbar, the sidebar and the dialogs: some of them were taken before the update and some after "
+    "it, and I would like to know which buttons moved, which labels were renamed and whether the colours of the "
+    "dark theme changed anywhere, because a user told us the contrast got worse in the new version."
+)
+
+
+def test_bubbles_lay_out_again_at_every_width(qtbot, make_window, tmp_path) -> None:  # noqa: ANN001
+    """A long streamed answer and an 8-image question: at 1100×740, at the minimum size and back, nothing is cut off
+    and the images stay above the question; and a window that starts at the minimum size opens the chat right."""
+    window = make_window(max_new_tokens=120)
+    window.composer.add_files(_varied_shots(tmp_path, 8))
+    ask(qtbot, window, LONG_QUESTION)
+    question, answer = window.chat.bubbles()
+    assert len(question.thumbnails()) == 8 and len(answer.text) > 200
+    assert _layout_faults(window) == []
+    wide = answer.label.height()
+    window.resize(720, 480)
+    qtbot.waitUntil(lambda: window.width() == 720)
+    assert _layout_faults(window) == []
+    assert answer.label.height() > wide and question.thumbnail_rows() > 2  # the narrow view wrapped
+    window.resize(1100, 740)
+    qtbot.waitUntil(lambda: window.width() == 1100)
+    assert _layout_faults(window) == []
+    assert answer.label.height() == wide and question.thumbnail_rows() == 2
+
+    small = make_window(size=(720, 480))
+    assert small.width() == 720
+    small.open_conversation(window.current_id)
+    qtbot.waitUntil(lambda: small.chat.thumbnails_pending() == 0 and not small.chat.filling(), timeout=ANSWER_MS)
+    assert [b.role for b in small.chat.bubbles()] == ["user", "assistant"]
+    assert _layout_faults(small) == []
+    small.resize(1100, 740)
+    qtbot.waitUntil(lambda: small.width() == 1100)
+    assert _layout_faults(small) == []
 
 
 def test_keyboard_moves_through_chats_without_opening_them_and_drafts_stay(qtbot, make_window) -> None:  # noqa: ANN001
