@@ -252,6 +252,9 @@ def test_screenshots_for_issue_14(qtbot, make_window, tmp_path) -> None:  # noqa
         window.resize(720, 480)
         qtbot.waitUntil(lambda: window.width() == 720)  # noqa: B023
         save_shot(window, f"minimum-size-{theme}")
+        question = window.chat.bubbles()[0]
+        window.chat.ensureWidgetVisible(question.label, 0, 120)  # the question's text and the images above it
+        save_shot(window, f"minimum-size-question-{theme}")
         settings = window.show_settings()
         qtbot.waitExposed(settings)
         for i in range(settings.tabs.count()):
