@@ -4,6 +4,7 @@ previews of large images off the GUI thread. Fixtures (the demo model on the rea
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -606,3 +607,39 @@ def test_an_imported_model_can_be_renamed_and_the_name_shows_everywhere(qtbot, m
     models.close()
     again = make_window(with_model=False)
     assert again.models.display_name(model_id) == "Tiny owl for tests"
+
+
+def test_a_model_load_sets_off_no_full_collection_and_freezes_what_it_made(qtbot, make_window) -> None:  # noqa: ANN001
+    """Full garbage collections hold the GIL (the window waits): none runs during a load and its warm-up, whose
+    objects are frozen out of later ones, and the collector's thresholds are as before afterwards."""
+    import gc
+
+    window = make_window()
+    model_id = window.services.settings.last_model_id
+    threshold = gc.get_threshold()
+    full: list[str] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(threading.current_thread().name)
+
+    prepared: list[object] = []
+
+    class Seen(QObject):
+        @Slot(object)
+        def on_prepared(self, record: object) -> None:
+            prepared.append(record)
+
+    watcher = Seen()
+    window.engine.worker.prepared.connect(watcher.on_prepared)
+    frozen = gc.get_freeze_count()
+    gc.callbacks.append(seen)
+    try:
+        window.load_model(model_id)
+        qtbot.waitUntil(lambda: window.state is State.READY and bool(prepared), timeout=ANSWER_MS)
+    finally:
+        gc.callbacks.remove(seen)
+    assert prepared[0] is not None  # the warm-up ran
+    assert full == []
+    assert gc.get_freeze_count() > frozen
+    assert gc.get_threshold() == threshold
