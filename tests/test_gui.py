@@ -98,7 +98,11 @@ def make_window(qtbot, demo_bundle: Path) -> Iterator[WindowFactory]:  # noqa: A
     made: list[MainWindow] = []
 
     def make(
-        with_model: bool = True, theme: str = "light", max_new_tokens: int = 48, n_ctx: int | None = None
+        with_model: bool = True,
+        theme: str = "light",
+        max_new_tokens: int = 48,
+        n_ctx: int | None = None,
+        size: tuple[int, int] = (1100, 740),
     ) -> MainWindow:
         if with_model:
             link = paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID
@@ -113,7 +117,7 @@ def make_window(qtbot, demo_bundle: Path) -> Iterator[WindowFactory]:  # noqa: A
         window = MainWindow(services)
         made.append(window)
         qtbot.addWidget(window)
-        window.resize(1100, 740)
+        window.resize(*size)
         window.show()
         qtbot.waitExposed(window)
         window.start()

@@ -4,6 +4,7 @@ previews of large images off the GUI thread. Fixtures (the demo model on the rea
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ from PIL import Image
 
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import QObject, Qt, Slot  # noqa: E402
-from PySide6.QtWidgets import QApplication, QDialog  # noqa: E402
+from PySide6.QtCore import QEvent, QObject, QPoint, QRect, Qt, Slot  # noqa: E402
+from PySide6.QtWidgets import QApplication, QDialog, QLabel, QWidget  # noqa: E402
 from test_gui import (  # noqa: E402, F401
     ANSWER_MS,
     ask,
@@ -26,7 +27,7 @@ from test_gui import (  # noqa: E402, F401
 )
 
 from owl_desktop.gui.format import answer_speed, stage_line  # noqa: E402
-from owl_desktop.gui.main_window import State  # noqa: E402
+from owl_desktop.gui.main_window import MainWindow, State  # noqa: E402
 from owl_desktop.gui.theme import apply_theme  # noqa: E402
 from owl_desktop.tasks import Progress  # noqa: E402
 
@@ -252,6 +253,9 @@ def test_screenshots_for_issue_14(qtbot, make_window, tmp_path) -> None:  # noqa
         window.resize(720, 480)
         qtbot.waitUntil(lambda: window.width() == 720)  # noqa: B023
         save_shot(window, f"minimum-size-{theme}")
+        question = window.chat.bubbles()[0]
+        window.chat.ensureWidgetVisible(question.label, 0, 120)  # the question's text and the images above it
+        save_shot(window, f"minimum-size-question-{theme}")
         settings = window.show_settings()
         qtbot.waitExposed(settings)
         for i in range(settings.tabs.count()):
@@ -261,6 +265,81 @@ def test_screenshots_for_issue_14(qtbot, make_window, tmp_path) -> None:  # noqa
         settings.reject()
         window.close()
     print(f"screenshots in {screenshot_dir()}")
+
+
+def _in_window(widget: QWidget, window: QWidget) -> QRect:
+    return QRect(widget.mapTo(window, QPoint(0, 0)), widget.size())
+
+
+def _layout_faults(window: MainWindow) -> list[str]:
+    """What is wrong with the bubbles' layout once it has settled: a bubble shorter than its content, text cut off (a
+    label shorter than its text at its width), thumbnails over each other or over the question, anything outside its
+    bubble. Geometry in the window's coordinates."""
+    for _ in range(4):  # the layout passes the resize set off, and the ones those set off
+        QApplication.sendPostedEvents(None, QEvent.Type.LayoutRequest)
+        QApplication.processEvents()
+    faults = []
+    for n, bubble in enumerate(window.chat.bubbles()):
+        where = f"bubble {n} ({bubble.role}, {bubble.width()} px wide)"
+        box = _in_window(bubble, window)
+        if bubble.height() < (needed := bubble.heightForWidth(bubble.width())):
+            faults.append(f"{where}: {bubble.height()} px tall, its content needs {needed}")
+        for label in [*bubble.findChildren(QLabel, "BubbleText"), bubble.meta]:
+            if label.isVisible() and label.height() < (needed := label.heightForWidth(label.width())):
+                faults.append(f"{where}: {label.objectName()} {label.height()} px tall, its text needs {needed}")
+            if label.isVisible() and not box.contains(_in_window(label, window)):
+                faults.append(f"{where}: {label.objectName()} outside the bubble")
+        thumbs = bubble.thumbnails()
+        if thumbs:
+            grid = QRect()
+            for thumb in thumbs:
+                grid = grid.united(_in_window(thumb, window))
+            rects = [_in_window(t, window) for t in thumbs]
+            if any(a.intersects(b) for i, a in enumerate(rects) for b in rects[i + 1 :]):
+                faults.append(f"{where}: thumbnails overlap each other")
+            if grid.intersects(_in_window(bubble.label, window)):
+                faults.append(f"{where}: the images {grid} overlap the question {_in_window(bubble.label, window)}")
+            if not box.contains(grid):
+                faults.append(f"{where}: the images {grid} reach outside the bubble {box}")
+    return faults
+
+
+LONG_QUESTION = (  # more than four lines at 80 characters: Qt's sizeHint for it is then wider than a narrow bubble
+    "Which of these screenshots shows the settings page, and what changed between the first and the last one? "
+    "Look at the toolbar, the sidebar and the dialogs: some of them were taken before the update and some after "
+    "it, and I would like to know which buttons moved, which labels were renamed and whether the colours of the "
+    "dark theme changed anywhere, because a user told us the contrast got worse in the new version."
+)
+
+
+def test_bubbles_lay_out_again_at_every_width(qtbot, make_window, tmp_path) -> None:  # noqa: ANN001
+    """A long streamed answer and an 8-image question: at 1100×740, at the minimum size and back, nothing is cut off
+    and the images stay above the question; and a window that starts at the minimum size opens the chat right."""
+    window = make_window(max_new_tokens=120)
+    window.composer.add_files(_varied_shots(tmp_path, 8))
+    ask(qtbot, window, LONG_QUESTION)
+    question, answer = window.chat.bubbles()
+    assert len(question.thumbnails()) == 8 and len(answer.text) > 200
+    assert _layout_faults(window) == []
+    wide = answer.label.height()
+    window.resize(720, 480)
+    qtbot.waitUntil(lambda: window.width() == 720)
+    assert _layout_faults(window) == []
+    assert answer.label.height() > wide and question.thumbnail_rows() > 2  # the narrow view wrapped
+    window.resize(1100, 740)
+    qtbot.waitUntil(lambda: window.width() == 1100)
+    assert _layout_faults(window) == []
+    assert answer.label.height() == wide and question.thumbnail_rows() == 2
+
+    small = make_window(size=(720, 480))
+    assert small.width() == 720
+    small.open_conversation(window.current_id)
+    qtbot.waitUntil(lambda: small.chat.thumbnails_pending() == 0 and not small.chat.filling(), timeout=ANSWER_MS)
+    assert [b.role for b in small.chat.bubbles()] == ["user", "assistant"]
+    assert _layout_faults(small) == []
+    small.resize(1100, 740)
+    qtbot.waitUntil(lambda: small.width() == 1100)
+    assert _layout_faults(small) == []
 
 
 def test_keyboard_moves_through_chats_without_opening_them_and_drafts_stay(qtbot, make_window) -> None:  # noqa: ANN001
@@ -528,3 +607,39 @@ def test_an_imported_model_can_be_renamed_and_the_name_shows_everywhere(qtbot, m
     models.close()
     again = make_window(with_model=False)
     assert again.models.display_name(model_id) == "Tiny owl for tests"
+
+
+def test_a_model_load_sets_off_no_full_collection_and_freezes_what_it_made(qtbot, make_window) -> None:  # noqa: ANN001
+    """Full garbage collections hold the GIL (the window waits): none runs during a load and its warm-up, whose
+    objects are frozen out of later ones, and the collector's thresholds are as before afterwards."""
+    import gc
+
+    window = make_window()
+    model_id = window.services.settings.last_model_id
+    threshold = gc.get_threshold()
+    full: list[str] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(threading.current_thread().name)
+
+    prepared: list[object] = []
+
+    class Seen(QObject):
+        @Slot(object)
+        def on_prepared(self, record: object) -> None:
+            prepared.append(record)
+
+    watcher = Seen()
+    window.engine.worker.prepared.connect(watcher.on_prepared)
+    frozen = gc.get_freeze_count()
+    gc.callbacks.append(seen)
+    try:
+        window.load_model(model_id)
+        qtbot.waitUntil(lambda: window.state is State.READY and bool(prepared), timeout=ANSWER_MS)
+    finally:
+        gc.callbacks.remove(seen)
+    assert prepared[0] is not None  # the warm-up ran
+    assert full == []
+    assert gc.get_freeze_count() > frozen
+    assert gc.get_threshold() == threshold

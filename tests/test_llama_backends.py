@@ -229,3 +229,33 @@ def test_bench_variants_sets_each_configuration_against_the_automatic_one(
     text = "\n".join(out[:-1])
     assert f"{auto} (auto)" in text and "( 1.00x)" in text and "skipped: not in this llama.cpp build" in text
     assert "ratios against" in text and "fastest: prefill" in text
+
+
+_MEMORY_SCRIPT = """
+import json, sys
+from owl_desktop.hub.preflight import system_memory
+m = system_memory()
+print(json.dumps({"gpu": m.gpu_name, "total": m.vram_total, "free": m.vram_free, "torch": "torch" in sys.modules}))
+"""
+
+
+def _memory_in_child(**env: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_the_preflight_sees_the_gpu_llama_cpp_offloads_to_without_importing_torch() -> None:
+    """The models page's memory probe asks llama.cpp's backend, not torch (whose import held the GIL ~200 ms)."""
+    here = _memory_in_child()
+    gpu = backends().gpu
+    assert here["torch"] is False
+    assert here["gpu"] == (gpu.description if gpu is not None else None)
+    if LAVAPIPE_ICDS and backends().cpu_variant != "built-in":  # a Vulkan device llama.cpp would offload to
+        there = _memory_in_child(GGML_VK_VISIBLE_DEVICES="0", VK_ICD_FILENAMES=str(LAVAPIPE_ICDS[0]))
+        assert there["torch"] is False
+        assert str(there["gpu"]).startswith("llvmpipe")
+        assert isinstance(there["total"], int) and there["total"] > 0
+        assert isinstance(there["free"], int) and 0 < there["free"] <= there["total"]

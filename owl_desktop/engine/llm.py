@@ -29,7 +29,7 @@ from typing import Any
 import llama_cpp as L
 import numpy as np
 
-from owl_desktop.engine.llm_backends import GpuDevice, LlamaBackends, load_backends
+from owl_desktop.engine.llm_backends import GpuDevice, LlamaBackends, device_memory, load_backends
 from owl_desktop.engine.options import (
     FLASH_ATTN_IDS,
     KV_TYPE_IDS,
@@ -706,3 +706,21 @@ def reference_decode_rate(
 def gpu_offload_supported() -> bool:
     """Whether this build has a GPU backend with a device to offload layers to."""
     return backends().gpu is not None
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    name: str  # e.g. "NVIDIA GeForce RTX 4070"
+    total: int  # bytes
+    free: int  # bytes, now
+
+
+def offload_gpu_memory() -> GpuMemory | None:
+    """The memory of the GPU llama.cpp offloads layers to (None: this build runs on the CPU only), as its backend
+    reports it (CUDA's own count, or Vulkan's device heaps): the device that matters, whichever backend drives it."""
+    gpu = backends().gpu
+    if gpu is None:
+        return None
+    total = gpu.memory_mib << 20
+    free, total = device_memory(gpu.name) or (total, total)
+    return GpuMemory(gpu.description, total, free)

@@ -368,6 +368,19 @@ def _describe(
     )
 
 
+def device_memory(name: str) -> tuple[int, int] | None:
+    """(free, total) bytes of the loaded ggml device `name` now (e.g. "Vulkan0", "CUDA0"); None when no device of
+    that name is loaded (load_backends first)."""
+    ggml = _ggml(lib_dir())
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        if ggml.ggml_backend_dev_name(dev).decode() == name:
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            return free.value, total.value
+    return None
+
+
 def load_backends(*, gpu: bool = True) -> LlamaBackends:
     """Load llama.cpp's backends once per process (before llama_backend_init) and say which are in use.
 

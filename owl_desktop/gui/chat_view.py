@@ -131,7 +131,10 @@ class MessageBubble(QFrame):
         self._settled_at = 0  # where the text they show ends
         self.setObjectName("Bubble")
         self.setProperty("role", role)
-        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        # Preferred, not Maximum, vertically: a Maximum policy caps the bubble at its sizeHint's height, which Qt
+        # works out for the text at its natural (wide) width, so a narrow bubble cut its wrapped text off and its
+        # fixed-size thumbnails ran over the question. Its height comes from heightForWidth at the width it gets.
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(14, 10, 14, 8)
         layout.setSpacing(6)
@@ -177,6 +180,7 @@ class MessageBubble(QFrame):
         cols = max(1, min(cols, len(self._thumbs)))
         if cols == self._grid_cols:
             return
+        self._grid.setColumnStretch(self._grid_cols, 0)  # the old filler column holds thumbnails now, or nothing
         self._grid_cols = cols
         for thumb in self._thumbs:
             self._grid.removeWidget(thumb)

@@ -173,7 +173,6 @@ class MainWindow(QMainWindow):
         self.current_id: str | None = None
         self._chat_used = 0  # context positions the open chat took at its last answer
         self._pending_submission: tuple[str, list[ImageSource]] | None = None  # asked while the model loads
-        self._warming_up = False  # a model was loaded and its warm-up has not reported yet
         self._pending_images: list[PendingImage] = []
         self._question_shown = False  # the question being sent is in the chat (before it is stored)
         self._drafts: dict[str | None, tuple[str, list[PendingImage]]] = {}  # unsent messages of other chats
@@ -295,7 +294,6 @@ class MainWindow(QMainWindow):
         w.model_loading.connect(self._on_model_loading)
         w.model_loaded.connect(self._on_model_loaded)
         w.model_failed.connect(self._on_model_failed)
-        w.prepared.connect(self._on_prepared)
         w.progress.connect(self._on_engine_progress)
         w.started.connect(self._on_started)
         w.piece.connect(self.chat.append_text)
@@ -424,8 +422,6 @@ class MainWindow(QMainWindow):
             self.status.set_activity(f"{p.stage}…", p.fraction, True)
 
     def _on_model_loaded(self, model_id: str, device: str) -> None:
-        gc_pauses.settle()  # the engine's modules and the model's objects: no full collection walks them again
-        self._warming_up = True
         self.status.set_model(self.models.display_name(model_id), device)
         self.status.set_activity("")
         self.set_state(State.READY)
@@ -442,11 +438,6 @@ class MainWindow(QMainWindow):
             self._ask(text, sources)
         else:
             self.schedule_prepare()  # runs after the engine's warm-up
-
-    def _on_prepared(self, _record: object) -> None:
-        if self._warming_up:  # the first background work after a load is its warm-up: what it made stays too
-            self._warming_up = False
-            gc_pauses.settle()
 
     def _on_model_failed(self, message: str) -> None:
         self.status.set_model(None)

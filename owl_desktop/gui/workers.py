@@ -16,6 +16,7 @@ from PySide6.QtCore import QObject, QRunnable, Qt, QThread, QThreadPool, Signal,
 
 from owl_desktop.app.chat_service import ChatEvent, ChatService, Failed, Finished, Piece, Started
 from owl_desktop.errors import Cancelled, OwlError
+from owl_desktop.gui import gc_pauses
 from owl_desktop.logs import see_the_log
 from owl_desktop.tasks import CancelToken, Progress, Task
 
@@ -70,23 +71,28 @@ class EngineWorker(QObject):
 
     @Slot(str)
     def load(self, ref: str) -> None:
+        """Load, then warm the model up in the background. The objects both make (the engine's modules at the first
+        load, the model's) are frozen out of full garbage collections, which are put off until then (gc_pauses):
+        those walks held the GIL 20-60 ms at a time while the window waited."""
         self._load_cancel = CancelToken()
         self.model_loading.emit(ref)
         task = Task(progress=self.progress.emit, cancel=self._load_cancel)
-        try:
-            self._service.load_model(ref, task=task)
-        except Cancelled:
-            self.model_failed.emit("Loading the model was cancelled.")
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a message in the window
-            self.model_failed.emit(user_message(exc))
-        else:
-            ahead = self._ahead = CancelToken()  # before the window hears of the model: its first ask cancels it
-            if self._load_cancel.cancelled:  # a stop (or the window closing) came as the load ended: no warm-up
-                ahead.cancel()
-            self.model_loaded.emit(self._service.loaded_model_id or ref, self._service.device_description)
-            self.idle.emit()
-            self.prepared.emit(self._service.warm_up(ahead))
-            return
+        with gc_pauses.no_full_collections():
+            try:
+                self._service.load_model(ref, task=task)
+            except Cancelled:
+                self.model_failed.emit("Loading the model was cancelled.")
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a message in the window
+                self.model_failed.emit(user_message(exc))
+            else:
+                ahead = self._ahead = CancelToken()  # before the window hears of the model: its first ask cancels it
+                if self._load_cancel.cancelled:  # a stop (or the window closing) came as the load ended: no warm-up
+                    ahead.cancel()
+                gc_pauses.settle()  # the load's objects, before the window hears of the model
+                self.model_loaded.emit(self._service.loaded_model_id or ref, self._service.device_description)
+                self.idle.emit()
+                self.prepared.emit(self._service.warm_up(ahead))  # what the warm-up made is settled as the hold ends
+                return
         self.idle.emit()
 
     @Slot()

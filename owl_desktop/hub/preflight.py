@@ -1,7 +1,7 @@
 """Will a model fit this machine? Disk for download + conversion + bundle, memory for each quantization.
 
 Computed before anything is fetched, from the model's parameter counts (estimates.py), the bytes still to download
-and two probes that tests replace: free disk space of a folder, and RAM (+ VRAM when torch sees a CUDA GPU).
+and two probes that tests replace: free disk space of a folder, and RAM (+ the memory of the GPU llama.cpp uses).
 The answer recommends a quantization and says plainly when the model will not fit.
 """
 
@@ -33,23 +33,22 @@ MemoryProbe = Callable[[], MemoryInfo]
 
 
 def system_memory() -> MemoryInfo:
-    """RAM from psutil; VRAM of the first CUDA device when torch sees one and this llama.cpp build can offload to
-    it (a CPU-only build runs the model from RAM, whatever GPU the machine has)."""
+    """RAM from psutil; the memory of the GPU llama.cpp offloads to, as its backend reports it (a CPU-only build runs
+    the model from RAM, whatever GPU the machine has). Not torch's view: importing torch for it held the GIL ~200 ms
+    on the calling thread, a stall of the window behind the models page, and it saw only CUDA devices."""
     import psutil
 
     vm = psutil.virtual_memory()
     info = MemoryInfo(ram_total=int(vm.total), ram_available=int(vm.available))
     try:
-        import torch
+        from owl_desktop.engine.llm import offload_gpu_memory
 
-        from owl_desktop.engine.llm import gpu_offload_supported
-
-        if torch.cuda.is_available() and gpu_offload_supported():
-            free, total = torch.cuda.mem_get_info(0)
-            return MemoryInfo(info.ram_total, info.ram_available, torch.cuda.get_device_name(0), int(total), int(free))
-    except Exception:  # no torch, or a broken CUDA setup: plan for the CPU
-        pass
-    return info
+        gpu = offload_gpu_memory()
+    except Exception:  # noqa: BLE001 - no usable llama.cpp build or a broken GPU driver: plan for the CPU
+        return info
+    if gpu is None:
+        return info
+    return MemoryInfo(info.ram_total, info.ram_available, gpu.name, gpu.total, gpu.free)
 
 
 def disk_free(path: Path) -> int:
