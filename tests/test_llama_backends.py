@@ -259,3 +259,47 @@ def test_the_preflight_sees_the_gpu_llama_cpp_offloads_to_without_importing_torc
         assert str(there["gpu"]).startswith("llvmpipe")
         assert isinstance(there["total"], int) and there["total"] > 0
         assert isinstance(there["free"], int) and 0 < there["free"] <= there["total"]
+
+
+WORK_AHEAD_CHILD = """
+import json, sys, threading
+from owl_desktop.engine.options import LlmSettings, Sampling
+from owl_desktop.engine.pipeline import ChatPipeline, EngineSettings
+from owl_desktop.tasks import CancelToken
+bundle, image = sys.argv[1], sys.argv[2]
+llm = LlmSettings(flash_attn="off", kv_type="f32", n_threads=2, n_batch=16)
+pipe = ChatPipeline.open(bundle, EngineSettings(llm=llm, vision_dtype="float32", disk_cache=False))
+full = pipe.prepare([image])
+for delay in (0.002, 0.01, 0.03):  # the work ahead cancelled at different points of its prefill
+    pipe.llm.reset()
+    token = CancelToken()
+    threading.Timer(delay, token.cancel).start()
+    pipe.prepare([image], cancel=token)
+last = pipe.prepare([image])
+answer = pipe.ask([image], "What is this?", sampling=Sampling(greedy=True, max_new_tokens=12))
+answer.read()
+print(json.dumps({"device": pipe.llm.device, "ahead": last.positions, "full": full.positions,
+                  "reused": answer.record.reused_positions, "tokens": answer.record.token_ids}))
+"""
+
+
+@dispatching
+@pytest.mark.skipif(not LAVAPIPE_ICDS, reason="Mesa's software Vulkan driver (mesa-vulkan-drivers) is not installed")
+def test_work_ahead_on_vulkan_stops_between_batches_and_gives_the_cpu_tokens(
+    tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a GPU backend the work ahead prefills too; a cancel stops it between batches (never inside a graph, which
+    crashed Vulkan), and the answer that reuses it equals the CPU's greedy tokens."""
+    here = ask_here(capsys, ask_args(tiny["f16"], tiny["image"]))
+    proc = subprocess.run(
+        [sys.executable, "-c", WORK_AHEAD_CHILD, str(tiny["f16"]), str(tiny["image"])],
+        env={**os.environ, "GGML_VK_VISIBLE_DEVICES": "0", "VK_ICD_FILENAMES": str(LAVAPIPE_ICDS[0])},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    there = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert str(there["device"]).startswith("Vulkan: llvmpipe")
+    assert there["ahead"] == there["full"] > 65 and there["reused"] >= there["ahead"]
+    assert there["tokens"] == here["token_ids"]

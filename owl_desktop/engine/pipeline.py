@@ -459,12 +459,10 @@ class ChatPipeline:
             shared = common_prefix(LlamaEngine.positions(builds[0][1]), LlamaEngine.positions(builds[1][1]))
             # one token of margin: the question's first token may merge with what comes before it
             ahead = _first_positions(builds[0][1], max(0, shared - 1))
-            if not self.llm.gpu_offload:
-                # on a GPU the prefill is quick, and a graph aborted half-way there has crashed (Vulkan): images
-                # are encoded ahead, the prompt is prefilled on Enter
-                t1 = time.perf_counter()
-                record.positions, record.reused_positions = self.llm.prefill_ahead(ahead, token)
-                record.prefill_ms = (time.perf_counter() - t1) * 1000
+            # on a GPU backend the prefill stops between its batches rather than inside a graph (see LlamaEngine)
+            t1 = time.perf_counter()
+            record.positions, record.reused_positions = self.llm.prefill_ahead(ahead, token)
+            record.prefill_ms = (time.perf_counter() - t1) * 1000
         except Cancelled:
             record.cancelled = True
         return record
