@@ -44,7 +44,12 @@ class StatusLine(QFrame):
         self.context_label = QLabel()
         self.api = QLabel()
         self.api.setAccessibleName("Local API server")
-        for w in (self.model, self.device, self.activity, self.busy):
+        which = QHBoxLayout()  # the model and its device read as one item: "Model: X · cpu, bf16"
+        which.setSpacing(5)
+        which.addWidget(self.model)
+        which.addWidget(self.device)
+        h.addLayout(which)
+        for w in (self.activity, self.busy):
             h.addWidget(w)
         h.addStretch(1)
         for w in (self.speed, self.context, self.context_label, self.api):
