@@ -216,7 +216,6 @@ def _add_bundle_run_flags(p: argparse.ArgumentParser) -> None:
 
 def _run_bundle_bench(args: argparse.Namespace, bench: Any) -> int:
     """Run `bench.run(model, settings, image, ...)` and print its report (and JSON with --json)."""
-    import json
 
     from owl_desktop.commands.engine_args import engine_settings
     from owl_desktop.devtools.demo import demo_image, ensure_demo_bundle
@@ -225,10 +224,17 @@ def _run_bundle_bench(args: argparse.Namespace, bench: Any) -> int:
     result = bench.run(
         model, engine_settings(args), args.image or demo_image(), decode_tokens=args.decode_tokens, repeats=args.repeats
     )
+    return _print_result(model, result, bench.as_dict, args.json)
+
+
+def _print_result(model: Any, result: Any, as_dict: Callable[[Any], Any], as_json: bool) -> int:
+    """A bundle benchmark's output: the model, its report, then (`--json`) its figures as one JSON line."""
+    import json
+
     print(f"model: {model}")
     print(result.report())
-    if args.json:
-        print(json.dumps(bench.as_dict(result)))
+    if as_json:
+        print(json.dumps(as_dict(result)))
     return 0
 
 
@@ -316,7 +322,6 @@ def register_variants(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def run_variants(args: argparse.Namespace) -> int:
-    import json
 
     from owl_desktop.devtools.demo import ensure_demo_bundle
     from owl_desktop.engine import variant_bench
@@ -335,11 +340,7 @@ def run_variants(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(exc)
         return 2
-    print(f"model: {model}")
-    print(result.report())
-    if args.json:
-        print(json.dumps(variant_bench.as_dict(result)))
-    return 0
+    return _print_result(model, result, variant_bench.as_dict, args.json)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -395,7 +396,6 @@ def register_latency(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def run_latency(args: argparse.Namespace) -> int:
-    import json
 
     from owl_desktop.commands.engine_args import engine_settings
     from owl_desktop.devtools.demo import demo_image, ensure_demo_bundle
@@ -405,11 +405,7 @@ def run_latency(args: argparse.Namespace) -> int:
     result = latency_bench.run(
         model, engine_settings(args), args.image or demo_image(), repeats=args.repeats, turns=args.turns
     )
-    print(f"model: {model}")
-    print(result.report())
-    if args.json:
-        print(json.dumps(latency_bench.as_dict(result)))
-    return 0
+    return _print_result(model, result, latency_bench.as_dict, args.json)
 
 
 # -----------------------------------------------------------------------------------------------------------------
