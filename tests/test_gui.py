@@ -77,6 +77,13 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return ensure_demo_bundle()
 
 
+def link_demo(demo_bundle: Path) -> None:
+    """Install the module's demo bundle in this test's data dir (a link: nothing is copied)."""
+    link = paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID
+    if not link.exists():
+        link.symlink_to(demo_bundle, target_is_directory=True)
+
+
 @pytest.fixture
 def pictures(tmp_path: Path) -> list[Path]:
     out = []
@@ -105,9 +112,7 @@ def make_window(qtbot, demo_bundle: Path) -> Iterator[WindowFactory]:  # noqa: A
         size: tuple[int, int] = (1100, 740),
     ) -> MainWindow:
         if with_model:
-            link = paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID
-            if not link.exists():
-                link.symlink_to(demo_bundle, target_is_directory=True)
+            link_demo(demo_bundle)
         services = build_services()
         services.settings.sampling.max_new_tokens = max_new_tokens
         services.settings.engine.threads = 2

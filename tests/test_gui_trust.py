@@ -25,7 +25,7 @@ pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtGui import QGuiApplication, QImage  # noqa: E402
-from test_gui import ANSWER_MS, demo_bundle, make_window, pictures  # noqa: E402, F401
+from test_gui import ANSWER_MS, demo_bundle, link_demo, make_window, pictures  # noqa: E402, F401
 
 from owl_desktop import paths  # noqa: E402
 from owl_desktop.devtools.demo import DEMO_BUNDLE_ID  # noqa: E402
@@ -39,7 +39,7 @@ PROCESS_LIMIT_S = 300  # a hang fails the test instead of the whole run; the fig
 
 @pytest.mark.parametrize("stage", ["load", "encode", "answer"])
 def test_closing_mid_stage_ends_the_app_cleanly(stage: str, demo_bundle: Path, tmp_path: Path) -> None:  # noqa: F811
-    (paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID).symlink_to(demo_bundle, target_is_directory=True)
+    link_demo(demo_bundle)
     image = tmp_path / "picture.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(image)
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))

@@ -16,25 +16,16 @@ from PIL import Image
 pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import QElapsedTimer, QTimer  # noqa: E402
+from test_gui import demo_bundle, link_demo  # noqa: E402, F401
 
-from owl_desktop import paths  # noqa: E402
 from owl_desktop.app.chat_service import ChatService, Finished  # noqa: E402
-from owl_desktop.devtools.demo import DEMO_BUNDLE_ID, ensure_demo_bundle  # noqa: E402
+from owl_desktop.devtools.demo import DEMO_BUNDLE_ID  # noqa: E402
 from owl_desktop.engine.pipeline import AnswerRecord, PrepareRecord  # noqa: E402
 from owl_desktop.gui.main_window import MainWindow, State  # noqa: E402
 from owl_desktop.gui.services import build_services  # noqa: E402
 from owl_desktop.tasks import CancelToken  # noqa: E402
 
 WAIT_MS = 60_000
-
-
-@pytest.fixture(scope="module")
-def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("work-ahead-demo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OWL_DATA_DIR", str(root / "data"))
-        mp.setenv("OWL_CACHE_DIR", str(root / "cache"))
-        return ensure_demo_bundle()
 
 
 @pytest.fixture
@@ -47,15 +38,9 @@ def pictures(tmp_path: Path) -> list[Path]:
     return out
 
 
-def _link_demo(demo_bundle: Path) -> None:
-    link = paths.ensure(paths.models_dir()) / DEMO_BUNDLE_ID
-    if not link.exists():
-        link.symlink_to(demo_bundle, target_is_directory=True)
-
-
 @pytest.fixture
-def window(qtbot, demo_bundle: Path) -> Iterator[MainWindow]:  # noqa: ANN001
-    _link_demo(demo_bundle)
+def window(qtbot, demo_bundle: Path) -> Iterator[MainWindow]:  # noqa: ANN001, F811
+    link_demo(demo_bundle)
     services = build_services()
     services.settings.sampling.max_new_tokens = 24
     services.settings.sampling.temperature = 0.0  # greedy: answers comparable token for token
@@ -177,9 +162,9 @@ def test_typing_never_waits_on_background_work(qtbot, window: MainWindow, pictur
     assert prep.encode_ms > 0 and worst[0] < 200
 
 
-def test_prepare_never_delays_an_ask(demo_bundle: Path, pictures: list[Path], tmp_path: Path) -> None:
+def test_prepare_never_delays_an_ask(demo_bundle: Path, pictures: list[Path], tmp_path: Path) -> None:  # noqa: F811
     """A question asked while the engine works ahead takes the engine at once and gets a cold run's tokens."""
-    _link_demo(demo_bundle)
+    link_demo(demo_bundle)
     services = build_services()
     services.settings.sampling.temperature = 0.0
     services.settings.sampling.max_new_tokens = 24
@@ -231,7 +216,7 @@ def test_streamed_answer_renders_each_finished_block_once(qtbot) -> None:  # noq
     assert bubble.text.strip() == text and "Paragraph 5" in bubble.label.text() and "Paragraph 0" in bubble.label.text()
 
 
-def test_bench_latency_runs_on_the_tiny_bundle(demo_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_latency_runs_on_the_tiny_bundle(demo_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     """`owl-desktop bench latency` end to end on the demo bundle; its structural figures (positions, not times):
     a 5-second head start leaves the ask only the question, and a conversation that overflows its context drops
     old turns in steps, re-prefilling more than half the context in fewer turns than dropping just enough."""
