@@ -304,14 +304,15 @@ def _gpu_may_be_present() -> bool:
 def _load_gpu_modules(ggml: ctypes.CDLL, directory: Path) -> list[tuple[str, str]]:
     """Load every non-CPU backend module (Vulkan, CUDA...); (module, why) for those that cannot load here."""
     prefix, ext = _module_names()
-    unavailable: list[tuple[str, str]] = []
-    if not _gpu_may_be_present():
-        kinds = sorted(path.name[len(prefix) : -len(ext)] for path in directory.glob(f"{prefix}*{ext}"))
-        return [(kind, NO_GPU_NODE) for kind in kinds if kind not in ("base", "cpu") and not kind.startswith("cpu-")]
+    modules = []
     for path in sorted(directory.glob(f"{prefix}*{ext}")):
         kind = path.name[len(prefix) : -len(ext)]
-        if kind == "base" or kind == "cpu" or kind.startswith("cpu-"):
-            continue
+        if kind not in ("base", "cpu") and not kind.startswith("cpu-"):
+            modules.append((kind, path))
+    if not _gpu_may_be_present():
+        return [(kind, NO_GPU_NODE) for kind, _path in modules]
+    unavailable: list[tuple[str, str]] = []
+    for kind, path in modules:
         try:  # a missing run-time (libvulkan.so.1, libcuda.so.1) is normal: say so once, quietly
             probe = ctypes.CDLL(str(path))
         except OSError as exc:
