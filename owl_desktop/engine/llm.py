@@ -236,7 +236,6 @@ class LlamaEngine:
             raise EngineError(problem)
         cp.flash_attn_type = FLASH_ATTN_IDS[s.flash_attn]
         cp.type_k = cp.type_v = KV_TYPE_IDS[s.kv_type]
-        self.kv_type = s.kv_type  # the cache type in use
         # Cancel: each generate() gets its own token (a Stop that came before it started is never cleared away).
         # llama.cpp calls the abort callback at every graph node (~1,000 Python calls per token at 7B), so it is set
         # only while a prefill runs; between generated tokens the loop itself checks the token.
@@ -248,7 +247,6 @@ class LlamaEngine:
             # still runs (the settings dialog offers the same fallback)
             _llama_log.warning("no flash attention here: context cache in %s", KV_TYPE_WITHOUT_FLASH_ATTN)
             cp.type_k = cp.type_v = KV_TYPE_IDS[KV_TYPE_WITHOUT_FLASH_ATTN]
-            self.kv_type = KV_TYPE_WITHOUT_FLASH_ATTN
             self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
