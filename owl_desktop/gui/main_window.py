@@ -188,8 +188,6 @@ class MainWindow(QMainWindow):
 
         self.engine = EngineHost(services.chat, self)
         # work ahead for the next question (encode the attachments, prefill the prompt) once the composer settles
-        # (conversation, image sources) of the last work ahead; None once anything else used the engine
-        self._prepared_for: tuple[str | None, list[object]] | None = None
         self._prepare_timer = QTimer(self)
         self._prepare_timer.setSingleShot(True)
         self._prepare_timer.setInterval(PREPARE_DEBOUNCE_MS)
@@ -410,7 +408,6 @@ class MainWindow(QMainWindow):
             self.stop()
         self.pages.setCurrentWidget(self.chat_page)
         self.set_state(State.LOADING)
-        self._prepared_for = None
         self.engine.load(model_id)
 
     def _on_model_loading(self, ref: str) -> None:
@@ -499,7 +496,6 @@ class MainWindow(QMainWindow):
             self.schedule_prepare()  # the chat just opened is built first: both would share the same cores
             return
         sources = [(img.source, img.name) for img in self.composer.images()]
-        self._prepared_for = (self.current_id, [src for src, _name in sources])
         self.engine.prepare(self.current_id, sources)
 
     def open_files(self, files: list[Path]) -> None:
@@ -749,8 +745,7 @@ class MainWindow(QMainWindow):
         self._question_shown = True
 
     def _ask(self, text: str, sources: list[ImageSource]) -> None:
-        continues_ahead = self._prepared_for == (self.current_id, [src for src, _name in sources])
-        self._prepared_for = None
+        continues_ahead = self.engine.continues_ahead(self.current_id, sources)  # before a new chat gets its id
         if self.current_id is None:
             try:
                 conv = self.services.store.create()
@@ -778,7 +773,6 @@ class MainWindow(QMainWindow):
         self.set_state(State.ANSWERING)
         self.status.clear_speed()
         self.status.set_activity("thinking…", None, True)
-        self._prepared_for = None
         self.engine.regenerate(self.current_id)
 
     def edit_and_resend(self, msg_id: int, text: str) -> None:
@@ -788,7 +782,6 @@ class MainWindow(QMainWindow):
         self._last_submission = None
         self.set_state(State.ANSWERING)
         self.status.clear_speed()
-        self._prepared_for = None
         self.engine.edit_and_resend(self.current_id, msg_id, text)
 
     def stop(self) -> None:

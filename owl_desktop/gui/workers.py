@@ -192,6 +192,7 @@ class EngineHost(QObject):
         self.unload_requested.connect(self.worker.unload)
         self.prepare_requested.connect(self.worker.prepare)
         self._ahead = CancelToken()  # the last prepare request's
+        self._ahead_for: tuple[str | None, list[object]] | None = None  # its (conversation, image sources)
         self.worker.idle.connect(self._on_idle)
         self._pending = 0  # requests sent and not yet answered by `idle` (each request ends with exactly one)
         self.thread.start()
@@ -208,9 +209,16 @@ class EngineHost(QObject):
         first); the window never waits on it."""
         self._ahead.cancel()
         self._ahead = CancelToken()
+        self._ahead_for = (conv_id, [src for src, _name in sources])
         self.prepare_requested.emit(conv_id, list(sources), self._ahead)
 
+    def continues_ahead(self, conv_id: str | None, sources: list[ImageSource]) -> bool:
+        """Whether a question in `conv_id` (None: a new chat) with these images is what the last prepare() worked
+        for, with no other request since."""
+        return self._ahead_for == (conv_id, [src for src, _name in sources])
+
     def _cancel_ahead(self) -> None:
+        self._ahead_for = None
         self._ahead.cancel()
         self.worker.cancel_ahead()  # the warm-up after a load has the worker's own token
 
@@ -220,10 +228,12 @@ class EngineHost(QObject):
         self.load_requested.emit(ref)
 
     def ask(self, conv_id: str, text: str, sources: list[ImageSource], *, continues_ahead: bool = False) -> None:
-        """`continues_ahead`: the question goes with the very images and conversation the last prepare() worked on,
-        so what that work still computes is what the answer needs first: it goes on (the answer waits for nothing it
-        would not compute itself) instead of being thrown away half-way through a batch."""
-        if not continues_ahead:
+        """`continues_ahead` (see continues_ahead(), asked before a new chat got its id): what the last prepare()
+        still computes is what the answer needs first, so it goes on (the answer waits for nothing it would not
+        compute itself) instead of being thrown away half-way through a batch."""
+        if continues_ahead:
+            self._ahead_for = None  # used up: the next question needs its own work ahead
+        else:
             self._cancel_ahead()
         self._pending += 1
         self.ask_requested.emit(conv_id, text, sources, self.worker.service.request_token())
