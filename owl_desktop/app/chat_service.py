@@ -250,15 +250,8 @@ class ChatService:
         the question (a new conversation: the system prompt). Runs only while nobody else uses the engine and stops
         at once (within one vision layer or graph node) when anyone asks for it, or when `cancel` fires; returns
         None when it did not run. Never raises: background work that fails is only logged."""
-        if cancel.cancelled or self._pipeline is None:
-            return None
-        turn = self.queue.enter_if_idle("preparing", cancel.cancel)
-        if turn is None:
-            return None
-        try:
-            pipe = self._pipeline
-            if pipe is None or cancel.cancelled:
-                return None
+
+        def work(pipe: ChatPipeline) -> PrepareRecord:
             history: list[HistoryTurn] = []
             system = self.settings.system_prompt
             if conv_id is not None:
@@ -267,28 +260,34 @@ class ChatService:
                 history = self._history(conv_id)
             room = self.settings.to_sampling().max_new_tokens  # the answer's room decides which old turns fit
             return pipe.prepare(list(image_sources), history, system=system, cancel=cancel, max_new_tokens=room)
-        except OwlError as exc:
-            log.info("preparing the next prompt did not work out: %s", exc.message)
-            return None
-        except Exception:  # noqa: BLE001 - background work must never take the window down
-            log.exception("preparing the next prompt failed")
-            return None
-        finally:
-            turn.leave()
+
+        return self._in_background("preparing", cancel, work)
 
     def warm_up(self, cancel: CancelToken) -> PrepareRecord | None:
         """Right after a load, in the background: the vision tower's first (slow) run, and the system prompt's KV, so
         the first question after a load costs what later ones cost. Yields to anyone at once, like prepare()."""
+        return self._in_background("warming up", cancel, lambda pipe: pipe.warm_up(self.settings.system_prompt, cancel))
+
+    def _in_background(
+        self, label: str, cancel: CancelToken, work: Callable[[ChatPipeline], PrepareRecord]
+    ) -> PrepareRecord | None:
+        """Run `work` on the loaded pipeline only while nobody else uses the engine (anyone who asks for it fires
+        `cancel`); None when it did not run or failed (logged: background work must never take the window down)."""
         if cancel.cancelled or self._pipeline is None:
             return None
-        turn = self.queue.enter_if_idle("warming up", cancel.cancel)
+        turn = self.queue.enter_if_idle(label, cancel.cancel)
         if turn is None:
             return None
         try:
             pipe = self._pipeline
-            return pipe.warm_up(self.settings.system_prompt, cancel) if pipe is not None else None
+            if pipe is None or cancel.cancelled:
+                return None
+            return work(pipe)
+        except OwlError as exc:
+            log.info("%s did not work out: %s", label, exc.message)
+            return None
         except Exception:  # noqa: BLE001 - background work must never take the window down
-            log.exception("warming the model up failed")
+            log.exception("%s failed", label)
             return None
         finally:
             turn.leave()
