@@ -29,7 +29,6 @@ from PIL import Image
 
 from owl_desktop.engine.llm import Sampling
 from owl_desktop.engine.pipeline import AnswerRecord, ChatPipeline, EngineSettings, HistoryTurn, ImageSource
-from owl_desktop.tasks import CancelToken
 
 QUESTION = "What is shown in this picture, and what stands out?"
 HEAD_STARTS_S = (0.0, 2.0, 5.0)
@@ -159,7 +158,7 @@ def _with_head_start(pipe: ChatPipeline, image: bytes, seconds: float) -> float:
     """Work ahead for `seconds` (as the window does after a drop), then Enter with that same image: as in the
     window, the work ahead goes on to its end (it computes what the answer needs first), then the ask. Returns the
     time from Enter to the first token, the wait for the work ahead included."""
-    worker = threading.Thread(target=lambda: pipe.prepare([image], cancel=CancelToken()))
+    worker = threading.Thread(target=lambda: pipe.prepare([image]))
     worker.start()
     worker.join(seconds)
     enter = time.perf_counter()
