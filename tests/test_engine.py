@@ -74,7 +74,8 @@ def reference_embeds(
     text: str, images: list[Path], pipe: ChatPipeline, reference: tuple[torch.nn.Module, spm.SentencePieceProcessor]
 ) -> torch.Tensor:
     """[1, T, n_embd]: BOS + each text chunk tokenized on its own (chunks end at each <image> and <cut>); each <image>
-    replaced by our 65 vision rows."""
+    replaced by the pipeline's rows for it (65 per view: one for an mPLUG-Owl image, a UReader page's global view and
+    crops)."""
     model, sp = reference
     chunks = [c for c in re.split("(<image>|<cut>)", text) if c and c != "<cut>"]
     assert chunks.count("<image>") == len(images)

@@ -10,7 +10,6 @@ then each crop, 65 rows per view with nothing in between (the reference processo
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_engine import reference_embeds, reference_greedy
 
 from owl_desktop import bundle as bundle_mod
 from owl_desktop.cli import main as cli_main
@@ -103,41 +103,6 @@ def test_the_release_layout_converts_to_a_ureader_bundle(tiny: dict[str, Path]) 
     vision = load_file(str(tiny["bundle"] / "vision.safetensors"))
     for name in (CUT_EMBEDDING_H, CUT_EMBEDDING_W):
         torch.testing.assert_close(vision[name], state[name], rtol=0, atol=0)
-
-
-def reference_embeds(
-    text: str, images: list[Path], pipe: ChatPipeline, reference: tuple[torch.nn.Module, spm.SentencePieceProcessor]
-) -> torch.Tensor:
-    """[1, T, n_embd]: BOS, each text chunk tokenized on its own (chunks end at each <image> and <cut>), each <image>
-    replaced by all its views' rows."""
-    model, sp = reference
-    chunks = [c for c in re.split("(<image>|<cut>)", text) if c and c != "<cut>"]
-    assert chunks.count("<image>") == len(images)
-    table = model.get_input_embeddings().weight
-    parts = [table[[1]]]
-    pictures = iter(images)
-    for chunk in chunks:
-        if chunk == "<image>":
-            parts.append(torch.from_numpy(pipe.image_rows(next(pictures))))
-        else:
-            parts.append(table[sp.encode(chunk)])
-    return torch.cat(parts).unsqueeze(0)
-
-
-@torch.inference_mode()
-def reference_greedy(model: torch.nn.Module, embeds: torch.Tensor, n: int) -> tuple[np.ndarray, list[int]]:
-    table = model.get_input_embeddings().weight
-    first = model(inputs_embeds=embeds).logits[0, -1].numpy()
-    ids: list[int] = []
-    x, logits = embeds, first
-    for _ in range(n):
-        t = int(np.argmax(logits))
-        if t == 2:
-            break
-        ids.append(t)
-        x = torch.cat([x, table[[t]].unsqueeze(0)], dim=1)
-        logits = model(inputs_embeds=x).logits[0, -1].numpy()
-    return first, ids
 
 
 CASES = {
