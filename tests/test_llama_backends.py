@@ -303,3 +303,44 @@ def test_work_ahead_on_vulkan_stops_between_batches_and_gives_the_cpu_tokens(
     assert str(there["device"]).startswith("Vulkan: llvmpipe")
     assert there["ahead"] == there["full"] > 65 and there["reused"] >= there["ahead"]
     assert there["tokens"] == here["token_ids"]
+
+
+SHAPE_CHILD = """
+import json, sys
+import numpy as np
+from owl_desktop.engine.llm import Embeddings, GenerationStats, LlamaEngine, Tokens
+from owl_desktop.engine.options import LlmSettings, Sampling
+gguf, flash_attn, kv_type = sys.argv[1], sys.argv[2], sys.argv[3]
+llm = LlamaEngine(gguf, LlmSettings(n_threads=2, flash_attn=flash_attn, kv_type=kv_type))
+rows = (np.random.default_rng(0).standard_normal((65, llm.n_embd)) * 0.02).astype(np.float32)  # [65, n_embd]
+# batches of 50 and 1 tokens, then an image's 65 rows: with flash attention on Vulkan this crashed lavapipe (SIGSEGV)
+segments = [Tokens(list(range(10, 60))), Tokens([5]), Embeddings(rows, "img"), Tokens(list(range(100, 110)))]
+st = GenerationStats()
+"".join(llm.generate(segments, Sampling(greedy=True, max_new_tokens=12), stats=st))
+print(json.dumps({"device": llm.device, "tokens": st.token_ids}))
+"""
+
+
+def run_shape(gguf: Path, flash_attn: str, kv_type: str, **env: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, "-c", SHAPE_CHILD, str(gguf), flash_attn, kv_type],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dispatching
+@pytest.mark.skipif(not LAVAPIPE_ICDS, reason="Mesa's software Vulkan driver (mesa-vulkan-drivers) is not installed")
+def test_vulkan_runs_without_flash_attention_by_default_and_gives_the_cpu_tokens(tiny: dict[str, Path]) -> None:
+    """Default settings on Vulkan leave flash attention off (it crashed the driver for some prompt lengths) and keep
+    an f16 cache: the prompt shape that crashed now answers, with the CPU's greedy tokens for the same cache."""
+    gguf = tiny["f16"] / "llm-F16.gguf"
+    vulkan = run_shape(gguf, "auto", "q8_0", GGML_VK_VISIBLE_DEVICES="0", VK_ICD_FILENAMES=str(LAVAPIPE_ICDS[0]))
+    assert str(vulkan["device"]).startswith("Vulkan: llvmpipe")
+    cpu = run_shape(gguf, "off", "f16", GGML_VK_VISIBLE_DEVICES="", VK_ICD_FILENAMES="/nonexistent.json")
+    assert not str(cpu["device"]).startswith("Vulkan")
+    assert vulkan["tokens"] == cpu["tokens"] and len(vulkan["tokens"]) == 12

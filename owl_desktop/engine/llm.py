@@ -37,6 +37,7 @@ from owl_desktop.engine.options import (
     KV_TYPES_NEEDING_FLASH_ATTN,
     LlmSettings,
     Sampling,
+    attention_on,
     kv_type_problem,
 )
 from owl_desktop.errors import Cancelled, EngineError, PromptError
@@ -234,15 +235,18 @@ class LlamaEngine:
             raise EngineError(f"KV cache type must be one of {', '.join(KV_TYPE_IDS)}, not '{s.kv_type}'")
         if problem := kv_type_problem(s.kv_type, s.flash_attn):
             raise EngineError(problem)
-        cp.flash_attn_type = FLASH_ATTN_IDS[s.flash_attn]
-        cp.type_k = cp.type_v = KV_TYPE_IDS[s.kv_type]
+        flash_attn, kv_type = attention_on(self.gpu.backend if self.gpu else None, s.flash_attn, s.kv_type)
+        if (flash_attn, kv_type) != (s.flash_attn, s.kv_type):
+            _llama_log.info("flash attention off on %s: context cache in %s", self.gpu and self.gpu.backend, kv_type)
+        cp.flash_attn_type = FLASH_ATTN_IDS[flash_attn]
+        cp.type_k = cp.type_v = KV_TYPE_IDS[kv_type]
         # Cancel: each generate() gets its own token (a Stop that came before it started is never cleared away).
         # llama.cpp calls the abort callback at every graph node (~1,000 Python calls per token at 7B), so it is set
         # only while a prefill runs; between generated tokens the loop itself checks the token.
         self._cancel = CancelToken()
         self._abort_cb = L.ggml_abort_callback(lambda _data: self._cancel.cancelled)  # keep a reference
         self.ctx = L.llama_init_from_model(self.model, cp)
-        if not self.ctx and s.flash_attn == "auto" and s.kv_type in KV_TYPES_NEEDING_FLASH_ATTN:
+        if not self.ctx and flash_attn == "auto" and kv_type in KV_TYPES_NEEDING_FLASH_ATTN:
             # "auto" found no flash attention for this device, and a quantized V cache needs it: the larger cache
             # still runs (the settings dialog offers the same fallback)
             _llama_log.warning("no flash attention here: context cache in %s", KV_TYPE_WITHOUT_FLASH_ATTN)
@@ -709,6 +713,7 @@ def gpu_offload_supported() -> bool:
 @dataclass(frozen=True)
 class GpuMemory:
     name: str  # e.g. "NVIDIA GeForce RTX 4070"
+    backend: str  # e.g. "Vulkan"
     total: int  # bytes
     free: int  # bytes, now
 
@@ -721,4 +726,4 @@ def offload_gpu_memory() -> GpuMemory | None:
         return None
     total = gpu.memory_mib << 20
     free, total = device_memory(gpu.name) or (total, total)
-    return GpuMemory(gpu.description, total, free)
+    return GpuMemory(gpu.description, gpu.backend, total, free)

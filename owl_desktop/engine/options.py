@@ -25,6 +25,10 @@ KV_TYPE_WITHOUT_FLASH_ATTN = "f16"
 # flash attention modes and llama.cpp's `llama_flash_attn_type` values
 FLASH_ATTN_IDS: dict[str, int] = {"auto": -1, "on": 1, "off": 0}
 FLASH_ATTN_LABELS: dict[str, str] = {"auto": "Automatic", "on": "On", "off": "Off"}
+# GPU backends where "auto" means off. Vulkan: flash attention crashed the driver for some prompt lengths (SIGSEGV
+# in lavapipe's queue thread, e.g. a 65-row image batch after 51 or 52 cached positions; llama.cpp has reports of
+# such shape-dependent crashes on real GPUs too), and without it the cache is f16 in GPU memory.
+FLASH_ATTN_AUTO_OFF_BACKENDS = frozenset({"Vulkan"})
 
 # where and how the vision tower runs (torch)
 VISION_DEVICES: dict[str, str] = {
@@ -45,6 +49,15 @@ def kv_type_problem(kv_type: str, flash_attn: str) -> str | None:
     if kv_type in KV_TYPES_NEEDING_FLASH_ATTN and flash_attn == "off":
         return f"a {kv_type} context cache needs flash attention (set it to Automatic or On, or use f16)"
     return None
+
+
+def attention_on(backend: str | None, flash_attn: str, kv_type: str) -> tuple[str, str]:
+    """The flash-attention mode and context cache type a model runs with on a GPU `backend` (None: the CPU)."""
+    if flash_attn == "auto" and backend in FLASH_ATTN_AUTO_OFF_BACKENDS:
+        flash_attn = "off"
+        if kv_type in KV_TYPES_NEEDING_FLASH_ATTN:
+            kv_type = KV_TYPE_WITHOUT_FLASH_ATTN
+    return flash_attn, kv_type
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ class MemoryInfo:
     gpu_name: str | None = None
     vram_total: int | None = None
     vram_free: int | None = None
+    gpu_backend: str | None = None  # llama.cpp's backend for that GPU, e.g. "Vulkan"
 
 
 MemoryProbe = Callable[[], MemoryInfo]
@@ -48,7 +49,7 @@ def system_memory() -> MemoryInfo:
         return info
     if gpu is None:
         return info
-    return MemoryInfo(info.ram_total, info.ram_available, gpu.name, gpu.total, gpu.free)
+    return MemoryInfo(info.ram_total, info.ram_available, gpu.name, gpu.total, gpu.free, gpu.backend)
 
 
 def disk_free(path: Path) -> int:
@@ -127,7 +128,7 @@ def check(
     free_space: FreeSpaceProbe,
     memory: MemoryInfo,
 ) -> Preflight:
-    options = tuple(_fit(footprint(facts, q, n_ctx), memory) for q in QUANT_ORDER)
+    options = tuple(_fit(footprint(facts, q, n_ctx, gpu_backend=memory.gpu_backend), memory) for q in QUANT_ORDER)
     chosen = next(o for o in options if o.quant == quant)
     disks = _disks(downloads_dir, models_dir, download_needed, chosen.footprint.conversion_peak, free_space)
     recommended = _recommend(options, memory)
