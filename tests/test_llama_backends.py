@@ -344,3 +344,46 @@ def test_vulkan_runs_without_flash_attention_by_default_and_gives_the_cpu_tokens
     cpu = run_shape(gguf, "off", "f16", GGML_VK_VISIBLE_DEVICES="", VK_ICD_FILENAMES="/nonexistent.json")
     assert not str(cpu["device"]).startswith("Vulkan")
     assert vulkan["tokens"] == cpu["tokens"] and len(vulkan["tokens"]) == 12
+
+
+CACHE_PAGES_CHILD = """
+import json, sys
+from pathlib import Path
+from owl_desktop.engine.llm import LlamaEngine, Tokens
+from owl_desktop.engine.options import LlmSettings, Sampling
+def anonymous() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Anonymous line")
+gguf, n_ctx = sys.argv[1], int(sys.argv[2])
+before = anonymous()
+llm = LlamaEngine(gguf, LlmSettings(n_ctx=n_ctx, n_threads=2, flash_attn="off", kv_type="f32"))
+after_load = anonymous()
+tokens = "".join(llm.generate([Tokens(list(range(10, 110)))], Sampling(greedy=True, max_new_tokens=12)))
+print(json.dumps({"load": after_load - before, "end": anonymous() - before, "answer": tokens}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux's memory accounting")
+def test_the_context_cache_takes_memory_only_where_written(tiny: dict[str, Path]) -> None:
+    """llama.cpp zeroes its KV cache at creation; our patch does it by returning the pages, so a large context costs
+    memory only for the positions used, and the answer is the one a small context gives."""
+    gguf = tiny["f32"] / "llm-F32.gguf"
+
+    def run(n_ctx: int) -> dict[str, object]:
+        proc = subprocess.run(
+            [sys.executable, "-c", CACHE_PAGES_CHILD, str(gguf), str(n_ctx)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    big, small = run(65536), run(512)
+    cache = 2 * 2 * 256 * 4 * 65536  # K and V, 2 layers, 256 wide, f32: 256 MiB
+    mib = {k: int(v) >> 20 for k, v in big.items() if k != "answer"}  # type: ignore[call-overload]
+    print(f"\nanonymous memory: load {mib['load']} MiB, end {mib['end']} MiB; the cache {cache >> 20} MiB")
+    assert int(big["end"]) < cache / 4  # memset would have made all of it resident
+    assert big["answer"] == small["answer"]
