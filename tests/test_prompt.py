@@ -17,6 +17,7 @@ from owl_desktop.engine.prompt import (
     answer_floor,
     build_prompt,
     render_text,
+    settled_words,
 )
 from owl_desktop.errors import ContextFull, PromptError
 
@@ -378,3 +379,10 @@ def test_a_current_turn_too_big_takes_the_first_smaller_level_that_fits(sp: spm.
             image_rows=full,
             reduced_image_rows=levels,
         )
+
+
+def test_settled_words_are_the_finished_words_of_a_draft() -> None:
+    """Work ahead prefills these while the question is typed: never the word still being typed."""
+    assert settled_words("") == "" and settled_words("What") == "" and settled_words("  What") == ""
+    assert settled_words("What is") == "What " and settled_words("What is ") == "What is "
+    assert settled_words("  What is on\nthe sc") == "What is on\nthe "

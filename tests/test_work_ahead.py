@@ -21,7 +21,7 @@ from test_gui import demo_bundle, link_demo  # noqa: E402, F401
 from owl_desktop.app.chat_service import ChatService, Finished  # noqa: E402
 from owl_desktop.devtools.demo import DEMO_BUNDLE_ID  # noqa: E402
 from owl_desktop.engine.pipeline import AnswerRecord, PrepareRecord  # noqa: E402
-from owl_desktop.gui.main_window import MainWindow, State  # noqa: E402
+from owl_desktop.gui.main_window import PREPARE_DEBOUNCE_MS, MainWindow, State  # noqa: E402
 from owl_desktop.gui.services import build_services  # noqa: E402
 from owl_desktop.tasks import CancelToken  # noqa: E402
 
@@ -101,6 +101,25 @@ def test_attached_image_is_ready_when_sent(qtbot, window: MainWindow, pictures: 
     assert stored.meta["reused_positions"] == record.reused_positions and stored.meta["images"][0]["encode_ms"] == 0
     system = window.services.settings.system_prompt
     assert record.token_ids == _cold_tokens(window.services.chat, pictures[:1], "What is on the screen?", system)
+
+
+def test_typed_words_are_prefilled_before_enter(qtbot, window: MainWindow, pictures: list[Path]) -> None:  # noqa: ANN001
+    """While the question is typed, its finished words are prefilled too; a word still being typed starts nothing.
+    On Enter only the rest of the question is prefilled, and the answer equals a cold run's."""
+    image_only = _wait_prepared(qtbot, window, lambda: window.composer.add_files(pictures[:1]))
+    typed = _wait_prepared(qtbot, window, lambda: window.composer.edit.setPlainText("Which colours does the "))
+    assert not typed.cancelled and typed.positions > image_only.positions + 3
+    requested: list[object] = []
+    window.engine.prepare_requested.connect(lambda *args: requested.append(args))
+    window.composer.edit.setPlainText("Which colours does the pic")  # the same whole words: nothing new to do
+    qtbot.wait(3 * PREPARE_DEBOUNCE_MS)
+    assert requested == []
+    record = _send(qtbot, window, "Which colours does the picture show?")
+    print(f"image only: {image_only.positions}, typed: {typed.positions}, answer reused {record.reused_positions}")
+    assert record.reused_positions >= typed.positions
+    system = window.services.settings.system_prompt
+    question = "Which colours does the picture show?"
+    assert record.token_ids == _cold_tokens(window.services.chat, pictures[:1], question, system)
 
 
 def test_sent_with_the_same_images_the_work_ahead_goes_on(qtbot, window: MainWindow, pictures: list[Path]) -> None:  # noqa: ANN001
@@ -218,8 +237,9 @@ def test_streamed_answer_renders_each_finished_block_once(qtbot) -> None:  # noq
 
 def test_bench_latency_runs_on_the_tiny_bundle(demo_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     """`owl-desktop bench latency` end to end on the demo bundle; its structural figures (positions, not times):
-    a 5-second head start leaves the ask only the question, and a conversation that overflows its context drops
-    old turns in steps, re-prefilling more than half the context in fewer turns than dropping just enough."""
+    a 5-second head start leaves the ask only the question (less of it when it was typed meanwhile), and a
+    conversation that overflows its context drops old turns in steps, re-prefilling more than half the context in
+    fewer turns than dropping just enough."""
     import json
 
     from owl_desktop.cli import main as cli_main
@@ -231,6 +251,8 @@ def test_bench_latency_runs_on_the_tiny_bundle(demo_bundle: Path, capsys: pytest
     assert "(goal <= 0.2)" in out and "saving" in out and "ratio first / steady" in out
     ask_only = figures["head_start_positions"]["5.0"]
     assert 0 < ask_only < figures["cold_positions"] - 65  # the image and the prompt before the question were ready
+    typed_rest = figures["typed_positions"]["5.0"]
+    assert 0 < typed_rest < ask_only  # typed during the head start, the question's finished words were ready too
 
     def big(turns: list[dict[str, float]]) -> int:
         return sum(t["new_positions"] > 256 for t in turns)

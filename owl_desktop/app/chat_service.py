@@ -244,12 +244,13 @@ class ChatService:
         self._cancel.cancel()
 
     def prepare(
-        self, conv_id: str | None, image_sources: Sequence[Path | bytes], cancel: CancelToken
+        self, conv_id: str | None, image_sources: Sequence[Path | bytes], cancel: CancelToken, draft: str = ""
     ) -> PrepareRecord | None:
         """Work ahead while the user types: encode the attached images and prefill the conversation's prompt up to
-        the question (a new conversation: the system prompt). Runs only while nobody else uses the engine and stops
-        at once (within one vision layer or graph node) when anyone asks for it, or when `cancel` fires; returns
-        None when it did not run. Never raises: background work that fails is only logged."""
+        the question (a new conversation: the system prompt), and the whole words of its `draft` so far. Runs only
+        while nobody else uses the engine and stops at once (within one vision layer or graph node) when anyone asks
+        for it, or when `cancel` fires; returns None when it did not run. Never raises: background work that fails is
+        only logged."""
 
         def work(pipe: ChatPipeline) -> PrepareRecord:
             history: list[HistoryTurn] = []
@@ -259,7 +260,9 @@ class ChatService:
                 system = conv.system_prompt if conv.system_prompt is not None else system
                 history = self._history(conv_id)
             room = self.settings.to_sampling().max_new_tokens  # the answer's room decides which old turns fit
-            return pipe.prepare(list(image_sources), history, system=system, cancel=cancel, max_new_tokens=room)
+            return pipe.prepare(
+                list(image_sources), history, system=system, cancel=cancel, max_new_tokens=room, draft=draft
+            )
 
         return self._in_background("preparing", cancel, work)
 

@@ -127,7 +127,8 @@ class PrepareRecord:
     cancelled: bool = False
 
 
-# Two questions that share no first token: where their prompts part is where the question's own tokens begin.
+# Two endings that share no first token: where the prompts with them part is where the unknown rest of the question
+# begins.
 _PROBE_QUESTIONS = ("a", "Z")
 
 
@@ -439,8 +440,10 @@ class ChatPipeline:
         system: str | None = None,
         cancel: CancelToken | None = None,
         max_new_tokens: int = prompt_mod.MAX_NEW_TOKENS,
+        draft: str = "",
     ) -> PrepareRecord:
-        """Work ahead while the user types: encode `images` and prefill the prompt up to the question's own text.
+        """Work ahead while the user types: encode `images` and prefill the prompt up to the question's own text,
+        and into it as far as the `draft` of the question has whole words (see prompt.settled_words).
 
         A later `ask` with the same images, history and system prompt then only prefills the question (the KV cache
         is reused position by position, so whatever changed in between is simply computed again: nothing here can
@@ -452,12 +455,13 @@ class ChatPipeline:
         try:
             task = Task(cancel=token)
             builds = [
-                self.build(images, q, history, system=system, max_new_tokens=max_new_tokens, task=task)
+                self.build(images, typed + q, history, system=system, max_new_tokens=max_new_tokens, task=task)
+                for typed in [prompt_mod.settled_words(draft)]
                 for q in _PROBE_QUESTIONS
             ]
             record.encode_ms = sum(t.encode_ms for t in builds[0][2])
             shared = common_prefix(LlamaEngine.positions(builds[0][1]), LlamaEngine.positions(builds[1][1]))
-            # one token of margin: the question's first token may merge with what comes before it
+            # one token of margin: the probe's first token may merge with what comes before it
             ahead = _first_positions(builds[0][1], max(0, shared - 1))
             # on a GPU backend the prefill stops between its batches rather than inside a graph (see LlamaEngine)
             t1 = time.perf_counter()

@@ -198,6 +198,14 @@ def render_text(turns: Sequence[Turn], template: PromptTemplate | None = None, s
     return _layout(turns, tpl, tpl.system if system is None else system, full, full, 0).render(tpl.image)
 
 
+def settled_words(draft: str) -> str:
+    """The part of a question still being typed that should not change any more: its words up to the last
+    whitespace (the word being typed may still grow). Empty while no word is finished."""
+    text = draft.lstrip()
+    cut = max((i for i, ch in enumerate(text) if ch.isspace()), default=-1)
+    return text[: cut + 1]
+
+
 def build_prompt(
     turns: Sequence[Turn],
     tokenize: Tokenize,

@@ -352,6 +352,11 @@ class Composer(QFrame):
     def text(self) -> str:
         return self.edit.toPlainText()
 
+    @property
+    def editing(self) -> bool:
+        """An earlier message is being edited (its text is in the box), not a new question."""
+        return self._editing is not None
+
     def set_busy(self, busy: bool) -> None:
         self._busy = busy
         self._retint()

@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from owl_desktop.app.settings import Settings
+from owl_desktop.engine.prompt import settled_words
 from owl_desktop.gui import attachments, gc_pauses
 from owl_desktop.gui.api_server import ApiServerToggle
 from owl_desktop.gui.attachments import PendingImage
@@ -188,6 +189,7 @@ class MainWindow(QMainWindow):
 
         self.engine = EngineHost(services.chat, self)
         # work ahead for the next question (encode the attachments, prefill the prompt) once the composer settles
+        self._prepared_words = ""  # the draft's words the last work ahead was asked to prefill
         self._prepare_timer = QTimer(self)
         self._prepare_timer.setSingleShot(True)
         self._prepare_timer.setInterval(PREPARE_DEBOUNCE_MS)
@@ -285,6 +287,7 @@ class MainWindow(QMainWindow):
         c.strip.changed.connect(lambda: self.banner.clear_if("composer"))
         c.open_requested.connect(self._open_pending_images)
         c.strip.changed.connect(self.schedule_prepare)
+        c.edit.textChanged.connect(self._on_draft_changed)
         self.chat.regenerate_requested.connect(self.regenerate)
         self.chat.edit_requested.connect(self.composer.start_edit)
         self.chat.image_requested.connect(self.show_images)
@@ -489,6 +492,15 @@ class MainWindow(QMainWindow):
         """The attachments or the conversation changed: work ahead for the next question once things settle."""
         self._prepare_timer.start()
 
+    def _draft(self) -> str:
+        """The question being typed, as far as work ahead can use it (not while an earlier message is edited)."""
+        return "" if self.composer.editing else self.composer.text()
+
+    def _on_draft_changed(self) -> None:
+        """A word of the question was finished (or taken back): its tokens can be prefilled while the user types."""
+        if settled_words(self._draft()) != self._prepared_words:
+            self.schedule_prepare()
+
     def _prepare_ahead(self) -> None:
         if self.state is not State.READY or self.engine.busy:
             return  # an answer or a load runs; the next change (or the answer's end) schedules it again
@@ -496,7 +508,9 @@ class MainWindow(QMainWindow):
             self.schedule_prepare()  # the chat just opened is built first: both would share the same cores
             return
         sources = [(img.source, img.name) for img in self.composer.images()]
-        self.engine.prepare(self.current_id, sources)
+        draft = self._draft()
+        self._prepared_words = settled_words(draft)
+        self.engine.prepare(self.current_id, sources, draft)
 
     def open_files(self, files: list[Path]) -> None:
         """Images handed to the app at launch ("Open with"): a new chat with them attached, ready for a question."""

@@ -104,11 +104,11 @@ class EngineWorker(QObject):
 
     # ----------------------------------------------------------- chat
 
-    @Slot(object, list, object)
-    def prepare(self, conv_id: str | None, sources: list[ImageSource], token: CancelToken) -> None:
+    @Slot(object, list, str, object)
+    def prepare(self, conv_id: str | None, sources: list[ImageSource], draft: str, token: CancelToken) -> None:
         """Background work while the user types (see ChatService.prepare); emits `prepared`, never `idle`."""
         self._ahead = token
-        self.prepared.emit(self._service.prepare(conv_id, [src for src, _name in sources], token))
+        self.prepared.emit(self._service.prepare(conv_id, [src for src, _name in sources], token, draft))
 
     def cancel_ahead(self) -> None:
         """Thread-safe: stop the background work now (a real request is coming)."""
@@ -177,7 +177,7 @@ class EngineHost(QObject):
     regenerate_requested = Signal(object, object)
     edit_requested = Signal(object, object, str, object)
     unload_requested = Signal()
-    prepare_requested = Signal(object, list, object)
+    prepare_requested = Signal(object, list, str, object)
 
     def __init__(self, service: ChatService, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -204,13 +204,13 @@ class EngineHost(QObject):
         make that question look finished, or Stop would be ignored."""
         return self._pending > 0
 
-    def prepare(self, conv_id: str | None, sources: list[ImageSource]) -> None:
-        """Work ahead for the next question (replaces the previous background work; a warm-up after a load goes on
-        first); the window never waits on it."""
+    def prepare(self, conv_id: str | None, sources: list[ImageSource], draft: str = "") -> None:
+        """Work ahead for the next question, with its `draft` typed so far (replaces the previous background work; a
+        warm-up after a load goes on first); the window never waits on it."""
         self._ahead.cancel()
         self._ahead = CancelToken()
         self._ahead_for = (conv_id, [src for src, _name in sources])
-        self.prepare_requested.emit(conv_id, list(sources), self._ahead)
+        self.prepare_requested.emit(conv_id, list(sources), draft, self._ahead)
 
     def continues_ahead(self, conv_id: str | None, sources: list[ImageSource]) -> bool:
         """Whether a question in `conv_id` (None: a new chat) with these images is what the last prepare() worked
