@@ -122,6 +122,36 @@ def test_typed_words_are_prefilled_before_enter(qtbot, window: MainWindow, pictu
     assert record.token_ids == _cold_tokens(window.services.chat, pictures[:1], question, system)
 
 
+def test_typing_keeps_the_running_work_ahead_and_skips_superseded_requests(
+    qtbot,  # noqa: ANN001
+    window: MainWindow,
+    pictures: list[Path],
+) -> None:
+    """A finished word does not stop the work ahead that runs (that would throw away a half-computed image batch at
+    every word); requests that queued up behind it are skipped for the newest one. Another image does stop it."""
+    release = threading.Event()
+    QTimer.singleShot(0, window.engine.worker, lambda: release.wait(WAIT_MS / 1000))  # the engine thread is busy
+    requested: list[tuple[object, ...]] = []
+    window.engine.prepare_requested.connect(lambda *args: requested.append(args))
+    records: list[PrepareRecord | None] = []
+    window.engine.worker.prepared.connect(records.append)
+    window.composer.add_files(pictures[:1])
+    qtbot.waitUntil(lambda: len(requested) == 1, timeout=WAIT_MS)
+    for n, text in enumerate(("Which ", "Which colours ", "Which colours does "), start=2):
+        window.composer.edit.setPlainText(text)
+        qtbot.waitUntil(lambda n=n: len(requested) == n, timeout=WAIT_MS)
+    tokens = [args[3] for args in requested]
+    assert all(t is tokens[0] for t in tokens) and not tokens[0].cancelled  # type: ignore[attr-defined]
+    release.set()
+    qtbot.waitUntil(lambda: bool(records), timeout=WAIT_MS)
+    qtbot.wait(3 * PREPARE_DEBOUNCE_MS)
+    assert len(records) == 1 and records[0] is not None  # only the newest request ran, with every typed word
+    assert records[0].positions > 65
+    window.composer.add_files(pictures[1:2])  # other images: what runs for the old ones is stopped
+    qtbot.waitUntil(lambda: len(requested) == 5, timeout=WAIT_MS)
+    assert tokens[0].cancelled and not requested[-1][3].cancelled  # type: ignore[attr-defined]
+
+
 def test_sent_with_the_same_images_the_work_ahead_goes_on(qtbot, window: MainWindow, pictures: list[Path]) -> None:  # noqa: ANN001
     """Enter while the work ahead for these very images is still queued or running: that work is what the answer
     needs first, so it is finished rather than thrown away, and the answer only prefills the question."""

@@ -31,7 +31,6 @@ from PIL import Image
 
 from owl_desktop.engine.llm import Sampling
 from owl_desktop.engine.pipeline import AnswerRecord, ChatPipeline, EngineSettings, HistoryTurn, ImageSource
-from owl_desktop.tasks import CancelToken
 
 QUESTION = "What is shown in this picture, and what stands out?"
 HEAD_STARTS_S = (0.0, 2.0, 5.0)
@@ -174,21 +173,32 @@ def _ask(pipe: ChatPipeline, images: list[ImageSource], question: str, history: 
 def _with_head_start(pipe: ChatPipeline, image: bytes, seconds: float, typed: bool = False) -> float:
     """Work ahead for `seconds` (as the window does after a drop), then Enter with that same image: as in the
     window, the work ahead goes on to its end (it computes what the answer needs first), then the ask. With `typed`
-    the question is typed during those seconds at an even pace, and each finished word starts the work ahead again
-    (cancelling the one before, whose work stays), as the window does. Returns the time from Enter to the first
-    token, the wait for the work ahead included."""
+    the question is typed during those seconds at an even pace; as in the window, each finished word asks for the
+    work ahead again, which runs once the one before has ended, with the newest draft. Returns the time from Enter
+    to the first token, the wait for the work ahead included."""
     t0 = time.perf_counter()
     drafts = [""] + ([QUESTION[: i + 1] for i, ch in enumerate(QUESTION) if ch == " "] if typed else [])
-    token, worker = CancelToken(), threading.Thread()
-    for k, draft in enumerate(drafts):
+    newest = {"draft": "", "typing": True}
+
+    def work_ahead() -> None:
+        done = None
+        while True:
+            draft, typing = newest["draft"], newest["typing"]
+            if draft != done:
+                pipe.prepare([image], draft=str(draft))
+                done = draft
+            elif not typing:
+                return
+            else:
+                time.sleep(0.005)
+
+    worker = threading.Thread(target=work_ahead)
+    worker.start()
+    for k, draft in enumerate(drafts[1:], start=1):
         time.sleep(max(0.0, seconds * k / len(drafts) - (time.perf_counter() - t0)))
-        token.cancel()
-        if worker.is_alive():
-            worker.join()
-        token = CancelToken()
-        worker = threading.Thread(target=lambda d=draft, t=token: pipe.prepare([image], cancel=t, draft=d))
-        worker.start()
-    worker.join(max(0.0, seconds - (time.perf_counter() - t0)))
+        newest["draft"] = draft
+    time.sleep(max(0.0, seconds - (time.perf_counter() - t0)))
+    newest["typing"] = False
     enter = time.perf_counter()
     worker.join()
     waited = (time.perf_counter() - enter) * 1000

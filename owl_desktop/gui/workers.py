@@ -62,6 +62,7 @@ class EngineWorker(QObject):
         self._service = service
         self._load_cancel = CancelToken()
         self._ahead = CancelToken()  # the background work's (warm-up, prepare); every real request fires it first
+        self.newest_prepare = 0  # set by the controller (GUI thread): the number of the newest prepare request
 
     @property
     def service(self) -> ChatService:
@@ -104,9 +105,14 @@ class EngineWorker(QObject):
 
     # ----------------------------------------------------------- chat
 
-    @Slot(object, list, str, object)
-    def prepare(self, conv_id: str | None, sources: list[ImageSource], draft: str, token: CancelToken) -> None:
-        """Background work while the user types (see ChatService.prepare); emits `prepared`, never `idle`."""
+    @Slot(object, list, str, object, int)
+    def prepare(
+        self, conv_id: str | None, sources: list[ImageSource], draft: str, token: CancelToken, number: int
+    ) -> None:
+        """Background work while the user types (see ChatService.prepare); emits `prepared`, never `idle`. A request
+        that a newer one superseded while it waited in the queue is skipped: the newer one does its work."""
+        if number != self.newest_prepare:
+            return
         self._ahead = token
         self.prepared.emit(self._service.prepare(conv_id, [src for src, _name in sources], token, draft))
 
@@ -177,7 +183,7 @@ class EngineHost(QObject):
     regenerate_requested = Signal(object, object)
     edit_requested = Signal(object, object, str, object)
     unload_requested = Signal()
-    prepare_requested = Signal(object, list, str, object)
+    prepare_requested = Signal(object, list, str, object, int)
 
     def __init__(self, service: ChatService, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -206,11 +212,18 @@ class EngineHost(QObject):
 
     def prepare(self, conv_id: str | None, sources: list[ImageSource], draft: str = "") -> None:
         """Work ahead for the next question, with its `draft` typed so far (replaces the previous background work; a
-        warm-up after a load goes on first); the window never waits on it."""
-        self._ahead.cancel()
-        self._ahead = CancelToken()
-        self._ahead_for = (conv_id, [src for src, _name in sources])
-        self.prepare_requested.emit(conv_id, list(sources), draft, self._ahead)
+        warm-up after a load goes on first); the window never waits on it.
+
+        When only the draft changed (same conversation, same images), the work ahead that runs goes on: stopping it
+        at every word typed would throw away a half-computed batch (an image's 65 rows take seconds on a CPU) again
+        and again. The new request runs after it and prefills only the new words."""
+        target = (conv_id, [src for src, _name in sources])
+        if target != self._ahead_for or self._ahead.cancelled:
+            self._ahead.cancel()
+            self._ahead = CancelToken()
+        self._ahead_for = target
+        self.worker.newest_prepare += 1
+        self.prepare_requested.emit(conv_id, list(sources), draft, self._ahead, self.worker.newest_prepare)
 
     def continues_ahead(self, conv_id: str | None, sources: list[ImageSource]) -> bool:
         """Whether a question in `conv_id` (None: a new chat) with these images is what the last prepare() worked
