@@ -12,8 +12,8 @@ from dataclasses import dataclass
 # KV cache element types offered to users, with llama.cpp's ggml type ids (ggml.h `enum ggml_type`)
 KV_TYPE_IDS: dict[str, int] = {"f16": 1, "q8_0": 8, "q4_0": 2, "f32": 0}
 KV_TYPE_LABELS: dict[str, str] = {
-    "q8_0": "q8_0 (default)",
-    "f16": "f16 (twice the memory)",
+    "f16": "f16 (default)",
+    "q8_0": "q8_0 (half the memory, slower in long chats on a CPU)",
     "q4_0": "q4_0 (smallest)",
     "f32": "f32 (exact)",
 }
@@ -52,7 +52,8 @@ def kv_type_problem(kv_type: str, flash_attn: str) -> str | None:
 
 
 def attention_on(backend: str | None, flash_attn: str, kv_type: str) -> tuple[str, str]:
-    """The flash-attention mode and context cache type a model runs with on a GPU `backend` (None: the CPU)."""
+    """The flash-attention mode and context cache type a model runs with on a GPU `backend` (None: the CPU); "auto"
+    is left to llama.cpp, which turns flash attention on where the device has it (the CPU does)."""
     if flash_attn == "auto" and backend in FLASH_ATTN_AUTO_OFF_BACKENDS:
         flash_attn = "off"
         if kv_type in KV_TYPES_NEEDING_FLASH_ATTN:
@@ -67,10 +68,13 @@ class LlmSettings:
     n_threads: int | None = None  # None: the number of physical cores (decode is memory-bound)
     n_gpu_layers: int = -1  # -1: every layer when the build has a GPU backend
     flash_attn: str = "auto"  # a key of FLASH_ATTN_IDS ("off" is exact against a float32 reference)
-    # q8_0 halves the f16 cache (0.57 instead of 1.07 GB at 7B and 2,048 positions) at the same prefill and decode
-    # speed on the CPU (measured with a raw llama.cpp A/B, see README "Measured here"); needs flash attention, so
-    # the engine falls back to KV_TYPE_WITHOUT_FLASH_ATTN where "auto" cannot give it.
-    kv_type: str = "q8_0"  # a key of KV_TYPE_IDS
+    # f16, llama.cpp's own default, with flash attention. Measured on the 7B shape with 2 threads: deep into a
+    # conversation llama.cpp's CPU flash attention is slow on a q8_0 cache (208 positions prefilled after 1,500:
+    # 17.8 s in q8_0 against 7.2 s in f16, all ~6 s at the start of a chat; decode there 3.32 against 3.98 tok/s).
+    # q8_0 halves the cache (0.57 instead of 1.07 GB at 2,048 positions). Only the positions written take memory
+    # (packaging/llama-cpp-patches), except without flash attention: its V cache is transposed, so every position
+    # written touches every page of it.
+    kv_type: str = "f16"  # a key of KV_TYPE_IDS
     # How the weights are held (measured with `owl-desktop bench memory`): mapped from the GGUF (shared with the page
     # cache, never counted twice) and, with `repack`, copied into llama.cpp's repacked CPU layout (faster decode,
     # slower prefill, and a second copy of the weights while the mapping stays resident).

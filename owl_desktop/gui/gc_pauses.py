@@ -32,6 +32,12 @@ def settle() -> None:
     gc.freeze()
 
 
+def held() -> bool:
+    """Whether full collections are put off now (a load or its warm-up runs somewhere)."""
+    with _lock:
+        return _holders > 0
+
+
 @contextmanager
 def no_full_collections() -> Iterator[None]:
     """No automatic full collection while it lasts (any thread); at its end what it made is settled. Nestable and

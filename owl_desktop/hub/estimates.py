@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from owl_desktop.engine.options import KV_TYPES_NEEDING_FLASH_ATTN, LlmSettings, attention_on
+from owl_desktop.engine.options import LlmSettings, attention_on
 from owl_desktop.model_config import OwlConfig
 
 # Average bits per weight of a LLaMA-7B GGUF in each type (file size / parameters, llama.cpp's published sizes:
@@ -132,20 +132,20 @@ def footprint(
     vision_file = facts.vision_params * (4 if quant == "F32" else 2)
     intermediate = 0 if quant in ("F32", "F16") else facts.llm_params * 2 + vocab
     peak = int((llm_file + vision_file + intermediate) * CONVERSION_MARGIN) + CONVERSION_SLACK
-    kv, compute = _context_buffers(facts, n_ctx, n_batch, kv_type)
-    gpu_kv, gpu_compute = _context_buffers(facts, n_ctx, n_batch, attention_on(gpu_backend, "auto", kv_type)[1])
+    kv, compute = _context_buffers(facts, n_ctx, n_batch, *attention_on(None, "auto", kv_type))
+    gpu_kv, gpu_compute = _context_buffers(facts, n_ctx, n_batch, *attention_on(gpu_backend, "auto", kv_type))
     ram = llm_file + kv + compute + facts.vision_params * 2 + VISION_ACTIVATIONS + RUNTIME_OVERHEAD
     vram = llm_file + gpu_kv + gpu_compute + facts.vision_params * 2 + VISION_ACTIVATIONS + GPU_CONTEXT_OVERHEAD
     return Footprint(quant, llm_file, vision_file, peak, kv, compute, ram, vram)
 
 
-def _context_buffers(facts: ModelFacts, n_ctx: int, n_batch: int, kv_type: str) -> tuple[int, int]:
-    """(KV cache, compute buffers) in bytes."""
+def _context_buffers(facts: ModelFacts, n_ctx: int, n_batch: int, flash_attn: str, kv_type: str) -> tuple[int, int]:
+    """(KV cache, compute buffers) in bytes, for a full context."""
     kv = int(2 * facts.n_layers * n_ctx * facts.n_embd_kv * KV_ENTRY_BYTES[kv_type])
-    # hidden states of one batch and the last position's logits; without flash attention (an f16/f32 cache may run
-    # without it) also the attention scores of one batch against the whole context
+    # hidden states of one batch and the last position's logits; without flash attention also the attention scores
+    # of one batch against the whole context
     compute = n_batch * 8 * facts.n_embd * 4 + facts.n_vocab * 4
-    if kv_type not in KV_TYPES_NEEDING_FLASH_ATTN:
+    if flash_attn == "off":
         compute += n_ctx * n_batch * facts.n_head * 4
     return kv, compute
 
