@@ -235,9 +235,10 @@ class LlamaEngine:
             raise EngineError(f"KV cache type must be one of {', '.join(KV_TYPE_IDS)}, not '{s.kv_type}'")
         if problem := kv_type_problem(s.kv_type, s.flash_attn):
             raise EngineError(problem)
-        flash_attn, kv_type = attention_on(self.gpu.backend if self.gpu else None, s.flash_attn, s.kv_type)
+        backend = self.gpu.backend if self.gpu else None
+        flash_attn, kv_type = attention_on(backend, s.flash_attn, s.kv_type)
         if (flash_attn, kv_type) != (s.flash_attn, s.kv_type):
-            _llama_log.info("flash attention off on %s: context cache in %s", self.gpu and self.gpu.backend, kv_type)
+            _llama_log.info("flash attention off on %s: context cache in %s", backend, kv_type)
         cp.flash_attn_type = FLASH_ATTN_IDS[flash_attn]
         cp.type_k = cp.type_v = KV_TYPE_IDS[kv_type]
         # Cancel: each generate() gets its own token (a Stop that came before it started is never cleared away).

@@ -454,9 +454,9 @@ class ChatPipeline:
         record = PrepareRecord()
         try:
             task = Task(cancel=token)
+            typed = prompt_mod.settled_words(draft)
             builds = [
                 self.build(images, typed + q, history, system=system, max_new_tokens=max_new_tokens, task=task)
-                for typed in [prompt_mod.settled_words(draft)]
                 for q in _PROBE_QUESTIONS
             ]
             record.encode_ms = sum(t.encode_ms for t in builds[0][2])
