@@ -269,10 +269,11 @@ def test_bench_latency_runs_on_the_tiny_bundle(demo_bundle: Path, capsys: pytest
     """`owl-desktop bench latency` end to end on the demo bundle; its structural figures (positions, not times):
     a 5-second head start leaves the ask only the question (less of it when it was typed meanwhile), and a
     conversation that overflows its context drops old turns in steps, re-prefilling more than half the context in
-    fewer turns than dropping just enough."""
+    fewer turns than dropping just enough, and nothing but each turn's own positions when the kept turns move up."""
     import json
 
     from owl_desktop.cli import main as cli_main
+    from owl_desktop.engine.llm import MIN_SHIFT
 
     args = ["bench", "latency", "--model", str(demo_bundle), "--repeats", "1", "--turns", "12", "--n-ctx", "512"]
     assert cli_main([*args, "--json"]) == 0
@@ -287,6 +288,13 @@ def test_bench_latency_runs_on_the_tiny_bundle(demo_bundle: Path, capsys: pytest
     def big(turns: list[dict[str, float]]) -> int:
         return sum(t["new_positions"] > 256 for t in turns)
 
-    steps, just_enough = figures["turns"], figures["turns_just_enough"]
-    assert max(t["dropped_turns"] for t in steps) > 0 and max(t["dropped_turns"] for t in just_enough) > 0
+    def beyond_own(turns: list[dict[str, float]]) -> float:
+        """Most positions an overflowed turn prefilled beyond its own (its question, image, previous answer)."""
+        return max(t["new_positions"] - t["own_positions"] for t in turns if t["dropped_turns"] > 0)
+
+    moved, steps, just_enough = figures["turns"], figures["turns_recomputed"], figures["turns_just_enough"]
+    assert all(max(t["dropped_turns"] for t in turns) > 0 for turns in (moved, steps, just_enough))
     assert big(steps) < big(just_enough)
+    # moved up in the KV cache, the kept turns are not computed again: each turn costs about its own positions
+    assert any(t["shifted_positions"] > 0 for t in moved) and beyond_own(moved) < MIN_SHIFT < beyond_own(steps)
+    assert figures["overflowed_own_cost_ratio"] > 0

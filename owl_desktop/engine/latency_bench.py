@@ -9,8 +9,10 @@ same run (issue 12's goals on the 7B-shaped bundle in brackets):
   cache saves ≥ 40 % of the prefill);
 - the first real encode after a load (the vision tower warmed up) against a steady encode (≤ 1.2×); the warm-up's own
   run shows what the first encode cost without it;
-- turn T of a conversation that overflowed the context against turn 2 (the overflowed turn ≤ 2× the prefill of its
-  new positions).
+- the turns of a conversation that overflowed the context: each one's prefill against what its own new positions
+  (its question, image, and the answer before it) cost at turn 2's rate (≤ 2×): old turns leave in steps and the
+  turns kept move up in the KV cache; the same without moving them (computed again); and the baseline where old
+  turns leave just enough at every turn.
 
 Every "cold" question uses an image never seen before (a pixel changed), so nothing comes from the encode cache.
 """
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from owl_desktop.engine.llm import Sampling
+from owl_desktop.engine.llm import LlamaEngine, Sampling
 from owl_desktop.engine.pipeline import AnswerRecord, ChatPipeline, EngineSettings, HistoryTurn, ImageSource
 
 QUESTION = "What is shown in this picture, and what stands out?"
@@ -52,8 +54,9 @@ class LatencyBench:
     warm_up_encode_ms: float  # the vision tower's first run after the load (what the first encode cost before)
     first_encode_ms: float  # the first real encode, after the warm-up
     steady_encode_ms: float
-    turns: list[dict[str, float]] = field(default_factory=list)  # per turn: ttft, prefill, new and reused positions
-    turns_just_enough: list[dict[str, float]] = field(default_factory=list)  # the same, old turns dropped one by one
+    turns: list[dict[str, float]] = field(default_factory=list)  # per turn: ttft, prefill, positions (see _turns)
+    turns_recomputed: list[dict[str, float]] = field(default_factory=list)  # the same, kept turns computed again
+    turns_just_enough: list[dict[str, float]] = field(default_factory=list)  # ... and old turns dropped one by one
 
     def head_start_ratio(self, seconds: float, typed: bool = False) -> float:
         return (self.typed_ttft_ms if typed else self.head_start_ttft_ms)[seconds] / self.cold_ttft_ms
@@ -97,13 +100,16 @@ class LatencyBench:
             f"steady encode:                            {self.steady_encode_ms:9.1f} ms"
             f"   ratio first / steady {self.first_encode_ratio:6.3f} (goal <= 1.2)",
         ]
-        if self.turns:
-            lines += _turns_report("old turns leave in steps of half the context", self.turns, self.n_ctx)
-        if self.turns_just_enough:
-            lines += _turns_report("baseline: old turns leave just enough", self.turns_just_enough, self.n_ctx)
+        for title, turns in (
+            ("old turns leave in steps of half the context, the kept ones move up in the KV cache", self.turns),
+            ("old turns leave in steps, the kept ones computed again", self.turns_recomputed),
+            ("baseline: old turns leave just enough", self.turns_just_enough),
+        ):
+            if turns:
+                lines += _turns_report(title, turns, self.n_ctx)
         if self.turns and self.turns_just_enough:
             ours, theirs = _overflowed_mean(self.turns), _overflowed_mean(self.turns_just_enough)
-            lines.append(f"mean overflowed turn, steps / just enough: {ours / theirs:6.3f}")
+            lines.append(f"mean overflowed turn, steps and moved / just enough: {ours / theirs:6.3f}")
         return "\n".join(lines)
 
 
@@ -112,10 +118,19 @@ def _overflowed_mean(turns: list[dict[str, float]]) -> float:
     return statistics.fmean(over)
 
 
+def own_cost_ratio(turns: list[dict[str, float]]) -> float:
+    """Mean over the overflowed turns of: its prefill / (its own new positions × turn 2's prefill per position)."""
+    base = turns[1] if len(turns) > 1 else turns[0]
+    per_new = base["prefill_ms"] / max(1.0, base["new_positions"])
+    over = [t for t in turns if t["dropped_turns"] > 0] or turns
+    return statistics.fmean(t["prefill_ms"] / max(1e-9, per_new * t["own_positions"]) for t in over)
+
+
 def _turns_report(title: str, turns: list[dict[str, float]], n_ctx: int) -> list[str]:
     base = turns[1] if len(turns) > 1 else turns[0]
     last = turns[-1]
     per_new = base["prefill_ms"] / max(1.0, base["new_positions"])
+    moved = sum(t["shifted_positions"] > 0 for t in turns)
     big = [str(i + 1) for i, t in enumerate(turns) if t["new_positions"] > n_ctx / 2]
     drops = [
         f"{i + 1} ({t['dropped_turns']:.0f} out)"
@@ -133,6 +148,9 @@ def _turns_report(title: str, turns: list[dict[str, float]], n_ctx: int) -> list
         f"  mean overflowed turn:                   {over:9.1f} ms   ratio to turn 2 {over / base['ttft_ms']:6.3f}",
         f"  turn {len(turns)}'s prefill / its new positions at turn 2's rate: "
         f"{last['prefill_ms'] / max(1e-9, per_new * last['new_positions']):6.3f}",
+        f"  mean overflowed turn's prefill / its own new positions at turn 2's rate: {own_cost_ratio(turns):6.3f}"
+        "   (goal <= 2)",
+        f"  turns whose kept turns moved up in the KV cache: {moved}",
         "  turns that re-prefilled more than half the context: " + (", ".join(big) or "none"),
         "  turns where old turns left the model's view: " + (", ".join(drops) or "none"),
     ]
@@ -144,7 +162,10 @@ def as_dict(b: LatencyBench) -> dict[str, Any]:
     out["head_start_positions"] = {str(k): v for k, v in b.head_start_positions.items()}
     out["typed_ttft_ms"] = {str(k): v for k, v in b.typed_ttft_ms.items()}
     out["typed_positions"] = {str(k): v for k, v in b.typed_positions.items()}
-    return {**out, "system_saving": b.system_saving, "first_encode_ratio": b.first_encode_ratio}
+    extra = {"system_saving": b.system_saving, "first_encode_ratio": b.first_encode_ratio}
+    if b.turns:
+        extra["overflowed_own_cost_ratio"] = own_cost_ratio(b.turns)
+    return {**out, **extra}
 
 
 def _fresh_images(image: Path) -> Iterator[bytes]:
@@ -300,24 +321,37 @@ def run(
             first_encode_ms=first_encode,
             steady_encode_ms=steady,
             turns=_long_conversation(pipe, fresh, turns),
-            turns_just_enough=_long_conversation(pipe, fresh, turns, drop_block=0),
+            turns_recomputed=_long_conversation(pipe, fresh, turns, shift=False),
+            turns_just_enough=_long_conversation(pipe, fresh, turns, drop_block=0, shift=False),
         )
 
 
 def _long_conversation(
-    pipe: ChatPipeline, fresh: Iterator[bytes], n_turns: int, drop_block: int | None = None
+    pipe: ChatPipeline, fresh: Iterator[bytes], n_turns: int, drop_block: int | None = None, shift: bool = True
 ) -> list[dict[str, float]]:
     """Turn after turn of one conversation (an image every third turn, answers long enough to overflow the context
     within a few turns), each asked after the previous one, as a user would: per turn TTFT and positions.
-    `drop_block` 0: old turns leave just enough at a time (the baseline); None: the pipeline's steps."""
+    `drop_block` 0: old turns leave just enough at a time (the baseline); None: the pipeline's steps. `shift`: the
+    turns kept move up in the KV cache when old ones leave (ChatPipeline.shift_dropped)."""
     pipe.llm.reset()
-    kept = pipe.drop_block
+    kept = pipe.drop_block, pipe.shift_dropped
     if drop_block is not None:
         pipe.drop_block = drop_block
+    pipe.shift_dropped = shift
     try:
         return _turns(pipe, fresh, n_turns)
     finally:
-        pipe.drop_block = kept
+        pipe.drop_block, pipe.shift_dropped = kept
+
+
+def _own_positions(pipe: ChatPipeline, images: list[ImageSource], question: str, previous: list[HistoryTurn]) -> int:
+    """The positions a turn adds to the conversation: its question and images, and the answer before it."""
+    if not previous:
+        return len(LlamaEngine.positions(pipe.build(images, question, [])[1]))
+    before = previous[0]
+    with_it = pipe.build(images, question, previous)[1]
+    alone = pipe.build(before.images, before.question, [])[1]
+    return len(LlamaEngine.positions(with_it)) - len(LlamaEngine.positions(alone))
 
 
 def _turns(pipe: ChatPipeline, fresh: Iterator[bytes], n_turns: int) -> list[dict[str, float]]:
@@ -335,7 +369,9 @@ def _turns(pipe: ChatPipeline, fresh: Iterator[bytes], n_turns: int) -> list[dic
                 "ttft_ms": record.time_to_first_token_ms - record.encode_ms,
                 "prefill_ms": record.prefill_ms,
                 "new_positions": _new_positions(record),
+                "own_positions": _own_positions(pipe, images, question, history[-1:]),
                 "reused_positions": record.reused_positions,
+                "shifted_positions": record.shifted_positions,
                 "dropped_turns": record.dropped_turns,
             }
         )

@@ -60,6 +60,7 @@ Segment = Tokens | Embeddings
 
 MIN_PREFIX_GAIN = 64  # positions a saved prefix must win (or a prompt must overwrite) to be worth a state copy
 MAX_SAVED_PREFIXES = 4
+MIN_SHIFT = 16  # positions a stretch must have to be moved up in the cache (a shorter match may be chance)
 
 
 @dataclass(eq=False)
@@ -69,9 +70,10 @@ class _SavedPrefix:
     nbytes: int
 
 
-def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
-    n, limit = 0, min(len(a), len(b))
-    while n < limit and a[n] == b[n]:
+def common_prefix(a: Sequence[Any], b: Sequence[Any], b_start: int = 0) -> int:
+    """How many items `a` and `b[b_start:]` share from their starts."""
+    n, limit = 0, min(len(a), len(b) - b_start)
+    while n < limit and a[n] == b[b_start + n]:
         n += 1
     return n
 
@@ -80,6 +82,7 @@ def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
 class GenerationStats:
     prompt_positions: int = 0  # positions in the context after prefill
     reused_positions: int = 0  # of those, kept from the previous call
+    shifted_positions: int = 0  # of the reused, moved up over positions the prompt left out (see prefill's shift)
     prefill_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
     decode_tokens: int = 0
@@ -262,6 +265,7 @@ class LlamaEngine:
         self._tbatch = L.llama_batch_init(self.n_batch, 0, 1)
         self._ebatch = L.llama_batch_init(self.n_batch, self.n_embd, 1)
         self._keys: list[Any] = []  # identity of each KV position: token id or (key, row)
+        self.last_shifted = 0  # positions the last prefill moved up over a gap (see prefill's shift)
         self._saved: list[_SavedPrefix] = []  # oldest first
         self._saved_cap = max(0, s.prefix_cache_mb) * 1024 * 1024
         self._lock = threading.Lock()
@@ -382,8 +386,16 @@ class LlamaEngine:
                 keys.extend((seg.key, r) for r in range(len(seg.rows)))
         return keys
 
-    def prefill(self, segments: Sequence[Segment], cancel: CancelToken | None = None) -> tuple[int, int]:
+    def prefill(
+        self, segments: Sequence[Segment], cancel: CancelToken | None = None, shift: bool = False
+    ) -> tuple[int, int]:
         """Bring the KV cache to exactly `segments`, reusing the longest matching prefix.
+
+        With `shift`, where the cache holds more than the prompt between the common prefix and a later stretch of
+        at least MIN_SHIFT positions that the prompt continues with (old turns the prompt now leaves out),
+        those positions are removed and the stretch moved up (llama.cpp's position shift) instead of being computed
+        again. The moved positions keep what they had attended to, so the answer is no longer exactly that of a
+        cold prefill of `segments`: for a conversation that outgrew the context, where that is what keeps turns fast.
 
         Returns (positions, reused positions). Logits of the last position are ready afterwards. Raises Cancelled
         within one graph node once `cancel` (or `cancel()`) fires.
@@ -393,7 +405,7 @@ class LlamaEngine:
         self._cancel.raise_if_cancelled()
         self._set_abort(True)
         try:
-            return self._prefill(segments)
+            return self._prefill(segments, shift=shift)
         finally:
             self._set_abort(False)
 
@@ -408,8 +420,9 @@ class LlamaEngine:
             self._resync_keys()
             raise Cancelled()
 
-    def prefill_ahead(self, segments: Sequence[Segment], cancel: CancelToken) -> tuple[int, int]:
-        """Work ahead: make the KV cache start with `segments` (a prompt's known beginning), keeping what follows.
+    def prefill_ahead(self, segments: Sequence[Segment], cancel: CancelToken, shift: bool = False) -> tuple[int, int]:
+        """Work ahead: make the KV cache start with `segments` (a prompt's known beginning), keeping what follows;
+        `shift` as for prefill.
 
         Returns (positions, of which already there). Nothing is decoded when the cache already holds them all.
         Raises Cancelled within one graph node once `cancel` fires; what was decoded by then stays usable.
@@ -423,18 +436,22 @@ class LlamaEngine:
             self._cancel.raise_if_cancelled()
             self._set_abort(True)
             try:
-                return self._prefill(segments, keep_last=True)
+                return self._prefill(segments, keep_last=True, shift=shift)
             finally:
                 self._set_abort(False)
                 self._cancel = CancelToken()  # a later prefill() without a token must not inherit this one
 
-    def _prefill(self, segments: Sequence[Segment], keep_last: bool = False) -> tuple[int, int]:
+    def _prefill(self, segments: Sequence[Segment], keep_last: bool = False, shift: bool = False) -> tuple[int, int]:
         keys = self.positions(segments)
         if not keys:
             raise PromptError("empty prompt")
         if len(keys) >= self.n_ctx:
             raise PromptError(f"the prompt needs {len(keys)} positions; the context holds {self.n_ctx}")
-        n_keep = self._switch_prefix(keys, common_prefix(keys, self._keys))
+        n_keep = common_prefix(keys, self._keys)
+        self.last_shifted = 0
+        if shift:
+            n_keep = self._close_gap(keys, n_keep)
+        n_keep = self._switch_prefix(keys, n_keep)
         if not keep_last:
             n_keep = min(n_keep, len(keys) - 1)  # re-decode at least one position for fresh logits
         if not L.llama_memory_seq_rm(self.mem, 0, n_keep, -1):
@@ -455,6 +472,26 @@ class LlamaEngine:
                 self._keys.extend(keys[pos + start : end])
             pos = end
         return len(keys), n_keep
+
+    def _close_gap(self, keys: list[Any], n: int) -> int:
+        """Where the cache, after the `n` positions it shares with `keys`, holds a stretch that `keys` leaves out and
+        then one of at least MIN_SHIFT positions that `keys` continues with: remove the first, move the second up.
+        Returns the positions now shared."""
+        if n >= len(keys) or len(self._keys) - n < MIN_SHIFT or not L.llama_memory_can_shift(self.mem):
+            return n
+        rest, first = keys[n:], keys[n]
+        gap, shared = 0, 0
+        for start in range(n + 1, len(self._keys) - shared):
+            if self._keys[start] == first and (m := common_prefix(rest, self._keys, start)) > shared:
+                gap, shared = start - n, m
+        if shared < MIN_SHIFT:
+            return n
+        if not L.llama_memory_seq_rm(self.mem, 0, n, n + gap):
+            return n
+        L.llama_memory_seq_add(self.mem, 0, n + gap, -1, -gap)  # RoPE re-rotates the moved keys
+        del self._keys[n : n + gap]
+        self.last_shifted = shared
+        return n + shared
 
     # ---------------------------------------------------------------- saved prefixes
 
@@ -568,8 +605,9 @@ class LlamaEngine:
         stats: GenerationStats | None = None,
         cancel: CancelToken | None = None,
         stop_texts: Sequence[str] = (),
+        shift: bool = False,
     ) -> Iterator[str]:
-        """Prefill `segments` and stream the answer as text pieces; fills `stats` as it goes.
+        """Prefill `segments` (`shift` as for prefill) and stream the answer as text pieces; fills `stats` as it goes.
 
         Stop with `cancel` (or `cancel()` from any thread): the stream ends within one token, and a long prefill is
         aborted. A token fired before the call began stops it at once. The answer also ends where its text reaches
@@ -582,7 +620,8 @@ class LlamaEngine:
             self._cancel = token
             t0 = time.perf_counter()
             try:
-                st.prompt_positions, st.reused_positions = self.prefill(segments, token)
+                st.prompt_positions, st.reused_positions = self.prefill(segments, token, shift)
+                st.shifted_positions = self.last_shifted
             except Cancelled:
                 st.stop_reason = "cancelled"
                 return

@@ -107,6 +107,7 @@ class AnswerRecord:
     context_used: int = 0
     context_size: int = 0
     reused_positions: int = 0
+    shifted_positions: int = 0  # of the reused, moved up over old turns left out (see ChatPipeline.shift_dropped)
     encode_ms: float = 0.0  # images encoded for this answer (0 when every one came from the cache)
     stop_reason: str = ""
     seed: int = 0
@@ -187,6 +188,9 @@ class ChatPipeline:
         self._sizes: dict[str, tuple[int, int]] = {}  # image sha256 → decoded (width, height): the grid choice
         # old turns leave the prompt in steps of half the context, so the kept prefix stays reusable turn after turn
         self.drop_block = self.llm.n_ctx // 2
+        # and when they leave, the turns kept are moved up in the KV cache rather than computed again (a turn then
+        # costs about its own positions; its answer is no longer exactly a cold prefill's, see LlamaEngine.prefill)
+        self.shift_dropped = True
         self._request = CancelToken()  # the current request's: cancel() stops it at whatever stage it is in
         # the answer ends where the model starts the template's next turn, before it can write the user's line
         self._stop_texts = ("\n" + bundle.prompt.human.strip(), "\n" + bundle.prompt.ai.strip())
@@ -465,7 +469,8 @@ class ChatPipeline:
             ahead = _first_positions(builds[0][1], max(0, shared - 1))
             # on a GPU backend the prefill stops between its batches rather than inside a graph (see LlamaEngine)
             t1 = time.perf_counter()
-            record.positions, record.reused_positions = self.llm.prefill_ahead(ahead, token)
+            shift = self.shift_dropped and builds[0][0].dropped_turns > 0
+            record.positions, record.reused_positions = self.llm.prefill_ahead(ahead, token, shift)
             record.prefill_ms = (time.perf_counter() - t1) * 1000
         except Cancelled:
             record.cancelled = True
@@ -526,7 +531,8 @@ class ChatPipeline:
         record.notices = [grid_notice(t, self.bundle.config.image_rows) for t in timings if t.full_grid]
         capped = replace(s, max_new_tokens=prompt.max_new_tokens)
         stops = (*self._stop_texts, *stop)
-        return AnswerStream(self, self._run(segments, capped, record, token, t0, stops), record)
+        shift = self.shift_dropped and prompt.dropped_turns > 0
+        return AnswerStream(self, self._run(segments, capped, record, token, t0, stops, shift), record)
 
     def _run(
         self,
@@ -536,11 +542,12 @@ class ChatPipeline:
         token: CancelToken,
         t0: float,
         stops: Sequence[str],
+        shift: bool,
     ) -> Iterator[str]:
         stats = GenerationStats()
         started = time.perf_counter()
         try:
-            yield from self.llm.generate(segments, sampling, stats, cancel=token, stop_texts=stops)
+            yield from self.llm.generate(segments, sampling, stats, cancel=token, stop_texts=stops, shift=shift)
         finally:
             record.token_ids = list(stats.token_ids)
             record.prefill_ms = stats.prefill_ms
@@ -549,6 +556,7 @@ class ChatPipeline:
             record.decode_tokens_per_s = stats.decode_tokens_per_s
             record.context_used = stats.context_used
             record.reused_positions = stats.reused_positions
+            record.shifted_positions = stats.shifted_positions
             record.stop_reason = stats.stop_reason
             record.seed = stats.seed
 
