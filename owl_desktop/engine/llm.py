@@ -2,10 +2,12 @@
 sibling llm_backends.py (which backend modules load) and llm_quantize.py (quantization); nothing else imports
 llama_cpp.
 
-A prompt is an ordered list of segments, token ids or embedding rows (65 per image). Each segment gets its
-own `llama_decode` calls (a batch holds tokens or embeddings, never both), chunked to n_batch (a bigger batch
-aborts the process). Every KV position is keyed by its token id or by (image hash, row), so a follow-up turn
-only prefills what changed. Generation streams UTF-8-safe text pieces and stops within one token on cancel.
+A prompt is an ordered list of segments, token ids or embedding rows (65 per image). A batch holds tokens or
+embeddings, never both: what a prefill decodes goes in as token ids when it is all text, and otherwise all as
+embedding rows, its text looked up in the GGUF's token table (gguf_file.py), so text and images share batches;
+chunked to n_batch (a bigger batch aborts the process). Every KV position is keyed by its token id or by (image
+hash, row), so a follow-up turn only prefills what changed. Generation streams UTF-8-safe text pieces and stops
+within one token on cancel.
 
 When a prompt would overwrite a long stretch of the cache (another conversation: the window and an API client taking
 turns, or a chat the user switches back to), the sequence's KV state is first copied to host memory; a later prompt
@@ -29,6 +31,7 @@ from typing import Any
 import llama_cpp as L
 import numpy as np
 
+from owl_desktop.engine.gguf_file import TokenTable, read_architecture
 from owl_desktop.engine.llm_backends import GpuDevice, LlamaBackends, device_memory, load_backends
 from owl_desktop.engine.options import (
     FLASH_ATTN_IDS,
@@ -157,20 +160,6 @@ def physical_cores() -> int:
     return max(1, n or os.cpu_count() or 1)
 
 
-def read_gguf_architecture(path: Path) -> str:
-    """`general.architecture` of a GGUF file without loading it (a clear error for a foreign or broken file)."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-        field_ = reader.fields["general.architecture"]
-        return bytes(field_.parts[field_.data[0]]).decode("utf-8")
-    except KeyError as exc:
-        raise EngineError(f"{path.name} has no architecture: not a language model GGUF") from exc
-    except (ValueError, OSError) as exc:
-        raise EngineError(f"{path.name} is not a readable GGUF file ({exc})") from exc
-
-
 class _StopText:
     """Holds back streamed text that could be the start of a stop string, and cuts the answer where one appears."""
 
@@ -202,7 +191,7 @@ class LlamaEngine:
     def __init__(self, path: Path, settings: LlmSettings | None = None) -> None:
         self.settings = settings or LlmSettings()
         s = self.settings
-        arch = read_gguf_architecture(path)
+        arch = read_architecture(path)
         if arch != "llama":
             raise EngineError(f"{path.name} holds a '{arch}' model; mPLUG-Owl needs a LLaMA GGUF")
         self.backends = backends()
@@ -260,6 +249,8 @@ class LlamaEngine:
             L.llama_model_free(self.model)
             raise EngineError(f"llama.cpp could not create a context ({s.n_ctx} positions): {_last_error()}")
         self.mem = L.llama_get_memory(self.ctx)
+        table = TokenTable.open(path)
+        self._table = table if table is not None and table.n_embd == self.n_embd else None
         self.n_ctx = int(L.llama_n_ctx(self.ctx))
         self.n_batch = int(L.llama_n_batch(self.ctx))
         self._tbatch = L.llama_batch_init(self.n_batch, 0, 1)
@@ -458,19 +449,25 @@ class LlamaEngine:
             L.llama_memory_clear(self.mem, True)
             n_keep = 0
         del self._keys[n_keep:]
+        parts: list[tuple[int, list[int] | np.ndarray]] = []  # (position, token ids or rows) still to decode
         pos = 0
         for seg in segments:
             n = len(seg.ids) if isinstance(seg, Tokens) else len(seg.rows)
-            end = pos + n
-            if end > n_keep:
+            if pos + n > n_keep:
                 start = max(0, n_keep - pos)  # part of this segment may already be in the cache
-                last = end == len(keys)
-                if isinstance(seg, Tokens):
-                    self._decode_tokens(list(seg.ids)[start:], pos + start, last)
-                else:
-                    self._decode_embeddings(seg.rows[start:], pos + start, last)
-                self._keys.extend(keys[pos + start : end])
-            pos = end
+                parts.append((pos + start, list(seg.ids)[start:] if isinstance(seg, Tokens) else seg.rows[start:]))
+            pos += n
+        if self._table is not None and len(parts) > 1 and any(isinstance(p, np.ndarray) for _, p in parts):
+            # text and images in the same batches: all as embedding rows (see the module's docstring)
+            rows = [p if isinstance(p, np.ndarray) else self._table.rows(p) for _, p in parts]
+            parts = [(parts[0][0], np.concatenate(rows))]
+        for at, part in parts:
+            last = at + len(part) == len(keys)
+            if isinstance(part, np.ndarray):
+                self._decode_embeddings(part, at, last)
+            else:
+                self._decode_tokens(part, at, last)
+            self._keys.extend(keys[at : at + len(part)])
         return len(keys), n_keep
 
     def _close_gap(self, keys: list[Any], n: int) -> int:
