@@ -452,8 +452,9 @@ class ChatPipeline:
         A later `ask` with the same images, history and system prompt then only prefills the question (the KV cache
         is reused position by position, so whatever changed in between is simply computed again: the answer is a
         cold run's, exactly so without flash attention; with it llama.cpp's CPU code computes a position a little
-        differently depending on the batch it is in). Stops within one vision layer or one graph node once `cancel` fires; the record then
-        says `cancelled`, and what was done by then (encodes, prefilled positions) stays useful.
+        differently depending on the batch it is in). Stops within one vision layer or one graph node once `cancel`
+        fires; the record then says `cancelled`, and what was done by then (encodes, prefilled positions) stays
+        useful.
         """
         token = cancel or CancelToken()
         record = PrepareRecord()
