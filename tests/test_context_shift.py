@@ -65,7 +65,7 @@ def test_removing_a_stretch_and_moving_the_rest_up_equals_a_cold_prefill(pipe: C
     head, gap, tail = _tokens(pipe, 20, 1), _tokens(pipe, 90, 2), _tokens(pipe, 120, 3)
     llm.reset()
     llm.prefill([Tokens(head + gap + tail)])
-    positions, reused = llm.prefill([Tokens(head + tail)], shift=True)
+    positions, reused = llm.prefill([Tokens(head + tail)], shift_within=10_000)
     assert (positions, reused, llm.last_shifted) == (len(head + tail), len(head + tail) - 1, len(tail))
     moved = llm.last_logits()
 
@@ -86,8 +86,49 @@ def test_a_short_stretch_is_computed_again_rather_than_moved(pipe: ChatPipeline)
     head, gap, tail = _tokens(pipe, 20, 4), _tokens(pipe, 50, 5), _tokens(pipe, MIN_SHIFT - 1, 6)  # too few to move
     llm.reset()
     llm.prefill([Tokens(head + gap + tail)])
-    assert llm.prefill([Tokens(head + tail)], shift=True) == (len(head + tail), len(head))
+    assert llm.prefill([Tokens(head + tail)], shift_within=10_000) == (len(head + tail), len(head))
     assert llm.last_shifted == 0
+
+
+def test_only_the_history_moves(pipe: ChatPipeline) -> None:
+    """Positions past `shift_within` (the question being asked) are never moved: a word deleted from a question
+    must not leave the words after it with what they attended to."""
+    llm = pipe.llm
+    head, gap, tail = _tokens(pipe, 20, 7), _tokens(pipe, 30, 8), _tokens(pipe, 40, 9)
+    llm.reset()
+    llm.prefill([Tokens(head + gap + tail)])
+    assert llm.prefill([Tokens(head + tail)], shift_within=len(head)) == (len(head + tail), len(head))
+    assert llm.last_shifted == 0
+    llm.reset()
+    llm.prefill([Tokens(head + gap + tail)])
+    llm.prefill([Tokens(head + tail)], shift_within=len(head) + 25)  # only the history's 25 positions move
+    assert llm.last_shifted == 25
+
+
+def test_a_moved_conversation_saved_and_restored_is_still_right(pipe: ChatPipeline) -> None:
+    """Other prompts in between copy the cache to host memory and back: no copy holds keys the shift has not
+    turned yet (the cache held a long stretch after the moved one, which a copy would have been taken for)."""
+    llm = pipe.llm
+    head, gap, tail, extra, other = (
+        _tokens(pipe, n, seed) for n, seed in ((20, 10), (90, 11), (120, 12), (80, 13), (200, 14))
+    )
+    llm.reset()
+    llm.prefill([Tokens(head + gap + tail + extra)])
+    llm.prefill([Tokens(head + tail + [5])], shift_within=10_000)
+    assert llm.last_shifted == len(tail)
+    llm.prefill([Tokens(other)])  # a different conversation: the moved one is saved
+    for prompt in (head + tail + [5, 6], head + tail + extra + [6]):
+        llm.prefill([Tokens(prompt)])
+        kept = llm.last_logits()
+        llm.prefill([Tokens(other)])
+        llm.reset()
+        llm.prefill([Tokens(prompt)])
+        cold = llm.last_logits()
+        np.testing.assert_allclose(kept, cold, rtol=0, atol=1e-3 * float(np.abs(cold).max()))
+        llm.reset()
+        llm.prefill([Tokens(head + gap + tail + extra)])
+        llm.prefill([Tokens(head + tail + [5])], shift_within=10_000)
+        llm.prefill([Tokens(other)])
 
 
 def _cold(pipe: ChatPipeline, imgs: list[Path], question: str, history: list[HistoryTurn], seen: AnswerRecord) -> str:

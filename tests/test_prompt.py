@@ -386,3 +386,19 @@ def test_settled_words_are_the_finished_words_of_a_draft() -> None:
     assert settled_words("") == "" and settled_words("What") == "" and settled_words("  What") == ""
     assert settled_words("What is") == "What " and settled_words("What is ") == "What is "
     assert settled_words("  What is on\nthe sc") == "What is on\nthe "
+
+
+def test_history_positions_end_where_the_current_turn_begins(sp: spm.SentencePieceProcessor) -> None:
+    tpl = PromptTemplate()
+    ids_of = lambda t: encode(sp, t)  # noqa: E731
+    for current in (Turn([], Q2), Turn(["k"], Q2)):
+        prompt = build_prompt([Turn(["a"], Q1, A1), current], ids_of)
+        tail = prompt.input_ids()[prompt.history_positions :]
+        question = ids_of("\n" + tpl.human + Q2 + "\n" + tpl.ai)
+        if current.images:  # the image comes first, after its own "Human: " line
+            assert tail == [*ids_of("\n" + tpl.human), *[-1] * 65, *question]
+        else:
+            assert tail == question
+        assert prompt.history_positions == prompt.n_positions - len(tail)
+    # a first question: its text joins the system prompt's, so nothing before it counts as history
+    assert build_prompt([Turn([], Q1)], ids_of).history_positions == 0

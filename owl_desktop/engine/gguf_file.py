@@ -22,20 +22,20 @@ from owl_desktop.errors import EngineError
 TOKEN_TABLE = "token_embd.weight"
 
 
-def _reader(path: Path) -> gguf.GGUFReader:
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """The file's metadata and a read-only mapping of its tensors (a clear error for a foreign or broken file)."""
     try:
         return gguf.GGUFReader(str(path))
     except (ValueError, OSError) as exc:
         raise EngineError(f"{path.name} is not a readable GGUF file ({exc})") from exc
 
 
-def read_architecture(path: Path) -> str:
-    """`general.architecture` of a GGUF file without loading it (a clear error for a foreign or broken file)."""
-    reader = _reader(path)
+def read_architecture(reader: gguf.GGUFReader, name: str) -> str:
+    """`general.architecture` of the file called `name`: checked before llama.cpp loads it."""
     try:
         field_ = reader.fields["general.architecture"]
     except KeyError as exc:
-        raise EngineError(f"{path.name} has no architecture: not a language model GGUF") from exc
+        raise EngineError(f"{name} has no architecture: not a language model GGUF") from exc
     return bytes(field_.parts[field_.data[0]]).decode("utf-8")
 
 
@@ -43,21 +43,20 @@ class TokenTable:
     """Rows of a GGUF's token embedding table as float32, read from the file's pages (shared with llama.cpp's own
     mapping: only the rows looked up are ever read)."""
 
-    def __init__(self, path: Path) -> None:
-        reader = _reader(path)
+    def __init__(self, reader: gguf.GGUFReader) -> None:
         tensors = [t for t in reader.tensors if t.name == TOKEN_TABLE]
         if not tensors:
-            raise EngineError(f"{path.name} has no token embedding table")
+            raise EngineError("the model file has no token embedding table")
         self._data = tensors[0].data  # [n_vocab, bytes per row] for quantized types, [n_vocab, n_embd] otherwise
         self._type = tensors[0].tensor_type
         self.n_vocab = int(self._data.shape[0])
         self.n_embd = int(tensors[0].shape[0])
 
     @classmethod
-    def open(cls, path: Path) -> TokenTable | None:
+    def open(cls, reader: gguf.GGUFReader) -> TokenTable | None:
         """The table, or None where the file has none this reader can expand (the engine then sends token ids)."""
         try:
-            table = cls(path)
+            table = cls(reader)
             table.rows([0])
         except (EngineError, NotImplementedError):
             return None

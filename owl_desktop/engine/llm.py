@@ -31,7 +31,7 @@ from typing import Any
 import llama_cpp as L
 import numpy as np
 
-from owl_desktop.engine.gguf_file import TokenTable, read_architecture
+from owl_desktop.engine.gguf_file import TokenTable, open_reader, read_architecture
 from owl_desktop.engine.llm_backends import GpuDevice, LlamaBackends, device_memory, load_backends
 from owl_desktop.engine.options import (
     FLASH_ATTN_IDS,
@@ -191,7 +191,9 @@ class LlamaEngine:
     def __init__(self, path: Path, settings: LlmSettings | None = None) -> None:
         self.settings = settings or LlmSettings()
         s = self.settings
-        arch = read_architecture(path)
+        path = Path(path)
+        reader = open_reader(path)
+        arch = read_architecture(reader, path.name)
         if arch != "llama":
             raise EngineError(f"{path.name} holds a '{arch}' model; mPLUG-Owl needs a LLaMA GGUF")
         self.backends = backends()
@@ -237,7 +239,8 @@ class LlamaEngine:
         # llama.cpp calls the abort callback at every graph node (~1,000 Python calls per token at 7B), so it is set
         # only while a prefill runs; between generated tokens the loop itself checks the token.
         self._cancel = CancelToken()
-        self._abort_cb = L.ggml_abort_callback(lambda _data: self._cancel.cancelled)  # keep a reference
+        self._holding = False  # a decode that must not be aborted (see _prefill)
+        self._abort_cb = L.ggml_abort_callback(lambda _data: self._cancel.cancelled and not self._holding)
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx and flash_attn == "auto" and kv_type in KV_TYPES_NEEDING_FLASH_ATTN:
             # "auto" found no flash attention for this device, and a quantized V cache needs it: the larger cache
@@ -249,8 +252,9 @@ class LlamaEngine:
             L.llama_model_free(self.model)
             raise EngineError(f"llama.cpp could not create a context ({s.n_ctx} positions): {_last_error()}")
         self.mem = L.llama_get_memory(self.ctx)
-        table = TokenTable.open(path)
+        table = TokenTable.open(reader)
         self._table = table if table is not None and table.n_embd == self.n_embd else None
+        del reader  # the table keeps only its own tensor's mapping
         self.n_ctx = int(L.llama_n_ctx(self.ctx))
         self.n_batch = int(L.llama_n_batch(self.ctx))
         self._tbatch = L.llama_batch_init(self.n_batch, 0, 1)
@@ -277,6 +281,11 @@ class LlamaEngine:
         else:
             mp.n_gpu_layers = self.settings.n_gpu_layers
         return L.llama_model_load_from_file(str(path).encode(), mp)
+
+    @property
+    def mixes_batches(self) -> bool:
+        """Whether text and images share batches (the GGUF's token table could be read; see gguf_file.py)."""
+        return self._table is not None
 
     @property
     def gpu_offload(self) -> bool:
@@ -334,7 +343,8 @@ class LlamaEngine:
         batch.seq_id[i][0] = 0
         batch.logits[i] = 1 if logits else 0
 
-    def _decode_tokens(self, ids: Sequence[int], pos: int, logits_last: bool) -> int:
+    def _decode_tokens(self, ids: Sequence[int], pos: int, logits_last: bool, keys: Sequence[Any] = ()) -> int:
+        """Decode `ids` from `pos` in batches; `keys` (theirs) join `_keys` batch by batch as each is in the cache."""
         b = self._tbatch
         for off in range(0, len(ids), self.n_batch):
             self._check_between()
@@ -344,9 +354,10 @@ class LlamaEngine:
                 b.token[i] = int(t)
                 self._fill(b, i, pos + off + i, logits_last and off + i == len(ids) - 1)
             self._check_decode(L.llama_decode(self.ctx, b))
+            self._keys.extend(keys[off : off + len(chunk)])
         return pos + len(ids)
 
-    def _decode_embeddings(self, rows: np.ndarray, pos: int, logits_last: bool) -> int:
+    def _decode_embeddings(self, rows: np.ndarray, pos: int, logits_last: bool, keys: Sequence[Any] = ()) -> int:
         rows = np.ascontiguousarray(rows, dtype=np.float32)  # [n, n_embd]; no size check exists on the C side
         if rows.ndim != 2 or rows.shape[1] != self.n_embd:
             raise EngineError(f"image embeddings have shape {tuple(rows.shape)}; the model needs [n, {self.n_embd}]")
@@ -359,6 +370,7 @@ class LlamaEngine:
             for i in range(len(chunk)):
                 self._fill(b, i, pos + off + i, logits_last and off + i == len(rows) - 1)
             self._check_decode(L.llama_decode(self.ctx, b))
+            self._keys.extend(keys[off : off + len(chunk)])
         return pos + len(rows)
 
     def _resync_keys(self) -> None:
@@ -378,15 +390,16 @@ class LlamaEngine:
         return keys
 
     def prefill(
-        self, segments: Sequence[Segment], cancel: CancelToken | None = None, shift: bool = False
+        self, segments: Sequence[Segment], cancel: CancelToken | None = None, shift_within: int = 0
     ) -> tuple[int, int]:
         """Bring the KV cache to exactly `segments`, reusing the longest matching prefix.
 
-        With `shift`, where the cache holds more than the prompt between the common prefix and a later stretch of
-        at least MIN_SHIFT positions that the prompt continues with (old turns the prompt now leaves out),
-        those positions are removed and the stretch moved up (llama.cpp's position shift) instead of being computed
-        again. The moved positions keep what they had attended to, so the answer is no longer exactly that of a
-        cold prefill of `segments`: for a conversation that outgrew the context, where that is what keeps turns fast.
+        With `shift_within` > 0: where the cache holds more than the prompt between the common prefix and a later
+        stretch of at least MIN_SHIFT positions that the prompt continues with (old turns the prompt now leaves
+        out), those positions are removed and the stretch moved up (llama.cpp's position shift) instead of being
+        computed again, as far as the prompt's first `shift_within` positions (its history: never the question).
+        The moved positions keep what they had attended to, so the answer is no longer exactly that of a cold
+        prefill of `segments`: for a conversation that outgrew the context, where that is what keeps turns fast.
 
         Returns (positions, reused positions). Logits of the last position are ready afterwards. Raises Cancelled
         within one graph node once `cancel` (or `cancel()`) fires.
@@ -396,7 +409,7 @@ class LlamaEngine:
         self._cancel.raise_if_cancelled()
         self._set_abort(True)
         try:
-            return self._prefill(segments, shift=shift)
+            return self._prefill(segments, shift_within=shift_within)
         finally:
             self._set_abort(False)
 
@@ -407,13 +420,13 @@ class LlamaEngine:
             L.llama_set_abort_callback(self.ctx, self._abort_cb if on else _NO_ABORT, None)
 
     def _check_between(self) -> None:
-        if self.gpu is not None and self._cancel.cancelled:
+        if self.gpu is not None and self._cancel.cancelled and not self._holding:
             self._resync_keys()
             raise Cancelled()
 
-    def prefill_ahead(self, segments: Sequence[Segment], cancel: CancelToken, shift: bool = False) -> tuple[int, int]:
+    def prefill_ahead(self, segments: Sequence[Segment], cancel: CancelToken, shift_within: int = 0) -> tuple[int, int]:
         """Work ahead: make the KV cache start with `segments` (a prompt's known beginning), keeping what follows;
-        `shift` as for prefill.
+        `shift_within` as for prefill.
 
         Returns (positions, of which already there). Nothing is decoded when the cache already holds them all.
         Raises Cancelled within one graph node once `cancel` fires; what was decoded by then stays usable.
@@ -421,28 +434,33 @@ class LlamaEngine:
         keys = self.positions(segments)
         with self._lock:
             held = common_prefix(keys, self._keys)
+            self.last_shifted = 0
             if held == len(keys) or not keys:
                 return len(keys), held
             self._cancel = cancel
             self._cancel.raise_if_cancelled()
             self._set_abort(True)
             try:
-                return self._prefill(segments, keep_last=True, shift=shift)
+                return self._prefill(segments, keep_last=True, shift_within=shift_within)
             finally:
                 self._set_abort(False)
                 self._cancel = CancelToken()  # a later prefill() without a token must not inherit this one
 
-    def _prefill(self, segments: Sequence[Segment], keep_last: bool = False, shift: bool = False) -> tuple[int, int]:
+    def _prefill(self, segments: Sequence[Segment], keep_last: bool = False, shift_within: int = 0) -> tuple[int, int]:
         keys = self.positions(segments)
         if not keys:
             raise PromptError("empty prompt")
         if len(keys) >= self.n_ctx:
             raise PromptError(f"the prompt needs {len(keys)} positions; the context holds {self.n_ctx}")
         n_keep = common_prefix(keys, self._keys)
-        self.last_shifted = 0
-        if shift:
-            n_keep = self._close_gap(keys, n_keep)
-        n_keep = self._switch_prefix(keys, n_keep)
+        self.last_shifted = self._close_gap(keys, n_keep, shift_within) if shift_within else 0
+        if self.last_shifted:
+            # The moved keys are turned inside the next llama_decode, all layers or none: so re-decode the last
+            # moved position at once, alone and not to be aborted (an abort half-way would leave some layers
+            # turned and the shift still pending; so would a saved state copied before it).
+            n_keep += self.last_shifted - 1
+        else:
+            n_keep = self._switch_prefix(keys, n_keep)
         if not keep_last:
             n_keep = min(n_keep, len(keys) - 1)  # re-decode at least one position for fresh logits
         if not L.llama_memory_seq_rm(self.mem, 0, n_keep, -1):
@@ -461,34 +479,38 @@ class LlamaEngine:
             # text and images in the same batches: all as embedding rows (see the module's docstring)
             rows = [p if isinstance(p, np.ndarray) else self._table.rows(p) for _, p in parts]
             parts = [(parts[0][0], np.concatenate(rows))]
-        for at, part in parts:
-            last = at + len(part) == len(keys)
-            if isinstance(part, np.ndarray):
-                self._decode_embeddings(part, at, last)
-            else:
-                self._decode_tokens(part, at, last)
-            self._keys.extend(keys[at : at + len(part)])
+        if self.last_shifted:
+            at, part = parts[0]
+            parts[0:1] = [(at, part[:1]), (at + 1, part[1:])] if len(part) > 1 else [(at, part)]
+        for index, (at, part) in enumerate(parts):
+            self._holding = index == 0 and self.last_shifted > 0
+            try:
+                last = at + len(part) == len(keys)
+                if isinstance(part, np.ndarray):
+                    self._decode_embeddings(part, at, last, keys[at : at + len(part)])
+                else:
+                    self._decode_tokens(part, at, last, keys[at : at + len(part)])
+            finally:
+                self._holding = False
         return len(keys), n_keep
 
-    def _close_gap(self, keys: list[Any], n: int) -> int:
+    def _close_gap(self, keys: list[Any], n: int, within: int) -> int:
         """Where the cache, after the `n` positions it shares with `keys`, holds a stretch that `keys` leaves out and
-        then one of at least MIN_SHIFT positions that `keys` continues with: remove the first, move the second up.
-        Returns the positions now shared."""
-        if n >= len(keys) or len(self._keys) - n < MIN_SHIFT or not L.llama_memory_can_shift(self.mem):
-            return n
-        rest, first = keys[n:], keys[n]
-        gap, shared = 0, 0
-        for start in range(n + 1, len(self._keys) - shared):
+        then one of at least MIN_SHIFT positions that `keys` continues with (up to its position `within`): remove
+        the first, move the second up. Returns the positions moved."""
+        if n + MIN_SHIFT > min(within, len(keys)) or not L.llama_memory_can_shift(self.mem):
+            return 0
+        rest, first = keys[n:within], keys[n]
+        gap, shared, start = 0, 0, n + 1
+        while start < len(self._keys) - shared:
             if self._keys[start] == first and (m := common_prefix(rest, self._keys, start)) > shared:
                 gap, shared = start - n, m
-        if shared < MIN_SHIFT:
-            return n
-        if not L.llama_memory_seq_rm(self.mem, 0, n, n + gap):
-            return n
-        L.llama_memory_seq_add(self.mem, 0, n + gap, -1, -gap)  # RoPE re-rotates the moved keys
+            start += 1
+        if shared < MIN_SHIFT or not L.llama_memory_seq_rm(self.mem, 0, n, n + gap):
+            return 0
+        L.llama_memory_seq_add(self.mem, 0, n + gap, -1, -gap)  # RoPE turns the moved keys at the next decode
         del self._keys[n : n + gap]
-        self.last_shifted = shared
-        return n + shared
+        return shared
 
     # ---------------------------------------------------------------- saved prefixes
 
@@ -602,9 +624,10 @@ class LlamaEngine:
         stats: GenerationStats | None = None,
         cancel: CancelToken | None = None,
         stop_texts: Sequence[str] = (),
-        shift: bool = False,
+        shift_within: int = 0,
     ) -> Iterator[str]:
-        """Prefill `segments` (`shift` as for prefill) and stream the answer as text pieces; fills `stats` as it goes.
+        """Prefill `segments` (`shift_within` as for prefill) and stream the answer as text pieces; fills `stats` as
+        it goes.
 
         Stop with `cancel` (or `cancel()` from any thread): the stream ends within one token, and a long prefill is
         aborted. A token fired before the call began stops it at once. The answer also ends where its text reaches
@@ -617,7 +640,7 @@ class LlamaEngine:
             self._cancel = token
             t0 = time.perf_counter()
             try:
-                st.prompt_positions, st.reused_positions = self.prefill(segments, token, shift)
+                st.prompt_positions, st.reused_positions = self.prefill(segments, token, shift_within)
                 st.shifted_positions = self.last_shifted
             except Cancelled:
                 st.stop_reason = "cancelled"
@@ -688,11 +711,13 @@ class LlamaEngine:
             L.llama_memory_clear(self.mem, True)
             self._keys.clear()
             self._saved.clear()
+            self.last_shifted = 0
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._table = None  # its mapping of the file goes with it
         L.llama_batch_free(self._tbatch)
         L.llama_batch_free(self._ebatch)
         L.llama_free(self.ctx)

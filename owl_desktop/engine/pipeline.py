@@ -471,8 +471,9 @@ class ChatPipeline:
             ahead = _first_positions(builds[0][1], max(0, shared - 1))
             # on a GPU backend the prefill stops between its batches rather than inside a graph (see LlamaEngine)
             t1 = time.perf_counter()
-            shift = self.shift_dropped and builds[0][0].dropped_turns > 0
-            record.positions, record.reused_positions = self.llm.prefill_ahead(ahead, token, shift)
+            record.positions, record.reused_positions = self.llm.prefill_ahead(
+                ahead, token, self._shift_within(builds[0][0])
+            )
             record.prefill_ms = (time.perf_counter() - t1) * 1000
         except Cancelled:
             record.cancelled = True
@@ -533,8 +534,12 @@ class ChatPipeline:
         record.notices = [grid_notice(t, self.bundle.config.image_rows) for t in timings if t.full_grid]
         capped = replace(s, max_new_tokens=prompt.max_new_tokens)
         stops = (*self._stop_texts, *stop)
-        shift = self.shift_dropped and prompt.dropped_turns > 0
-        return AnswerStream(self, self._run(segments, capped, record, token, t0, stops, shift), record)
+        shift_within = self._shift_within(prompt)
+        return AnswerStream(self, self._run(segments, capped, record, token, t0, stops, shift_within), record)
+
+    def _shift_within(self, prompt: prompt_mod.Prompt) -> int:
+        """How far the KV cache may move positions up over old turns that left the prompt (LlamaEngine.prefill)."""
+        return prompt.history_positions if self.shift_dropped and prompt.dropped_turns > 0 else 0
 
     def _run(
         self,
@@ -544,12 +549,14 @@ class ChatPipeline:
         token: CancelToken,
         t0: float,
         stops: Sequence[str],
-        shift: bool,
+        shift_within: int,
     ) -> Iterator[str]:
         stats = GenerationStats()
         started = time.perf_counter()
         try:
-            yield from self.llm.generate(segments, sampling, stats, cancel=token, stop_texts=stops, shift=shift)
+            yield from self.llm.generate(
+                segments, sampling, stats, cancel=token, stop_texts=stops, shift_within=shift_within
+            )
         finally:
             record.token_ids = list(stats.token_ids)
             record.prefill_ms = stats.prefill_ms

@@ -115,10 +115,12 @@ class Prompt:
     `dropped_turns` oldest turns were left out to fit the context (the prompt covers turns[dropped_turns:]).
     `max_new_tokens` is the room left for the answer: the requested count, capped by what the context still holds.
     `image_level` is the level of detail of the current turn's images: 0 = full, k = reduced_image_rows[k - 1].
+    `history_positions` come before the current turn: the system prompt and the turns kept.
     """
 
     segments: list[Segment]
     n_positions: int
+    history_positions: int
     dropped_turns: int
     max_new_tokens: int
     text: str
@@ -152,6 +154,12 @@ class _Parts:
 
     items: list[str | _Answer | ImageSegment] = field(default_factory=list)
     n_images: int = 0
+    current_start: int = 0  # index of the item the current turn begins in
+
+    def start_current(self, first_text: str) -> None:
+        """The current turn begins here: with an item of its own, or inside the last one if its text merges."""
+        merges = bool(first_text) and bool(self.items) and isinstance(self.items[-1], str)
+        self.current_start = len(self.items) - (1 if merges else 0)
 
     def text(self, s: str) -> None:
         if not s:
@@ -251,10 +259,13 @@ def build_prompt(
             memo[chunk] = list(tokenize(chunk))
         return memo[chunk]
 
-    def plan(first: int, level: int) -> tuple[list[Segment], int, str]:
+    def plan(first: int, level: int) -> tuple[list[Segment], int, str, int]:
         parts = _layout(turns[first:], tpl, sys_text, levels[0], levels[level], level)
         segments: list[Segment] = []
-        for item in parts.items:
+        history = 0  # positions before the current turn
+        for index, item in enumerate(parts.items):
+            if index == parts.current_start:
+                history = sum(s.n_positions for s in segments)
             if isinstance(item, ImageSegment):
                 if not segments:  # an image first (empty system): BOS still comes first
                     segments.append(TextSegment([bos_id]))
@@ -270,7 +281,7 @@ def build_prompt(
                 segments[-1] = TextSegment([*segments[-1].ids, *ids])
             else:
                 segments.append(TextSegment(ids))
-        return segments, sum(s.n_positions for s in segments), parts.render(tpl.image)
+        return segments, sum(s.n_positions for s in segments), parts.render(tpl.image), history
 
     last = len(turns) - 1
     for level in range(len(levels)):
@@ -302,10 +313,11 @@ def build_prompt(
         boundary = _block_boundary(turns[:last], first, drop_block, lambda t: _turn_cost(t, tpl, levels[0], ids_of))
         if boundary != first:
             best, first = plan(boundary, level), boundary
-    segments, n_positions, text = best
+    segments, n_positions, text, history = best
     return Prompt(
         segments=segments,
         n_positions=n_positions,
+        history_positions=history,
         dropped_turns=first,
         max_new_tokens=min(max_new_tokens, n_ctx - n_positions),
         text=text,
@@ -329,6 +341,8 @@ def _layout(
         sep = "\n"
     for i, turn in enumerate(turns):
         current = i == len(turns) - 1
+        if current:
+            parts.start_current(sep + tpl.human)
         for key in turn.images:
             parts.text(sep + tpl.human)
             parts.image(key, current_rows(key) if current else rows(key), current_level if current else 0)
