@@ -127,12 +127,14 @@ def run(bundle: Path, tokens_per_s: float = 25.0, download_mb: int = DOWNLOAD_MB
     with tempfile.TemporaryDirectory(prefix="owl-stall-") as tmp, ChildHub(DEFAULT_REPO, download_mb) as hub:
         for var, sub in (("OWL_DATA_DIR", "data"), ("OWL_CACHE_DIR", "cache"), ("OWL_CONFIG_DIR", "config")):
             os.environ[var] = str(Path(tmp) / sub)
+        from owl_desktop import bundle as bundle_mod
         from owl_desktop import paths
 
         models = paths.ensure(paths.models_dir())
-        (models / bundle.name).symlink_to(bundle.resolve(), target_is_directory=True)
+        bundle_id = bundle_mod.load(bundle, verify=False).id  # the window finds a model by id, not by folder name
+        (models / bundle_id).symlink_to(bundle.resolve(), target_is_directory=True)
         services = build_services()
-        services.settings.last_model_id = bundle.name
+        services.settings.last_model_id = bundle_id
         services.models = ModelManager(settings=HubSettings(endpoint=hub.endpoint))  # never the real hub
         window = MainWindow(services)
         window.resize(1100, 760)
