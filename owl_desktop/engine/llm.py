@@ -85,7 +85,7 @@ def common_prefix(a: Sequence[Any], b: Sequence[Any], b_start: int = 0) -> int:
 class GenerationStats:
     prompt_positions: int = 0  # positions in the context after prefill
     reused_positions: int = 0  # of those, kept from the previous call
-    shifted_positions: int = 0  # of the reused, moved up over positions the prompt left out (see prefill's shift)
+    shifted_positions: int = 0  # of the reused, moved up over positions the prompt left out (prefill's shift_within)
     prefill_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
     decode_tokens: int = 0
@@ -260,7 +260,7 @@ class LlamaEngine:
         self._tbatch = L.llama_batch_init(self.n_batch, 0, 1)
         self._ebatch = L.llama_batch_init(self.n_batch, self.n_embd, 1)
         self._keys: list[Any] = []  # identity of each KV position: token id or (key, row)
-        self.last_shifted = 0  # positions the last prefill moved up over a gap (see prefill's shift)
+        self.last_shifted = 0  # positions the last prefill moved up over a gap (prefill's shift_within)
         self._saved: list[_SavedPrefix] = []  # oldest first
         self._saved_cap = max(0, s.prefix_cache_mb) * 1024 * 1024
         self._lock = threading.Lock()
@@ -453,12 +453,12 @@ class LlamaEngine:
         if len(keys) >= self.n_ctx:
             raise PromptError(f"the prompt needs {len(keys)} positions; the context holds {self.n_ctx}")
         n_keep = common_prefix(keys, self._keys)
-        self.last_shifted = self._close_gap(keys, n_keep, shift_within) if shift_within else 0
-        if self.last_shifted:
+        moved = self.last_shifted = self._close_gap(keys, n_keep, shift_within) if shift_within else 0
+        if moved:
             # The moved keys are turned inside the next llama_decode, all layers or none: so re-decode the last
             # moved position at once, alone and not to be aborted (an abort half-way would leave some layers
             # turned and the shift still pending; so would a saved state copied before it).
-            n_keep += self.last_shifted - 1
+            n_keep += moved - 1
         else:
             n_keep = self._switch_prefix(keys, n_keep)
         if not keep_last:
@@ -479,11 +479,11 @@ class LlamaEngine:
             # text and images in the same batches: all as embedding rows (see the module's docstring)
             rows = [p if isinstance(p, np.ndarray) else self._table.rows(p) for _, p in parts]
             parts = [(parts[0][0], np.concatenate(rows))]
-        if self.last_shifted:
+        if moved:
             at, part = parts[0]
             parts[0:1] = [(at, part[:1]), (at + 1, part[1:])] if len(part) > 1 else [(at, part)]
         for index, (at, part) in enumerate(parts):
-            self._holding = index == 0 and self.last_shifted > 0
+            self._holding = index == 0 and moved > 0
             try:
                 last = at + len(part) == len(keys)
                 if isinstance(part, np.ndarray):
@@ -686,11 +686,10 @@ class LlamaEngine:
                     if len(st.token_ids) >= s.max_new_tokens or token.cancelled:
                         continue  # no need to decode a token nobody will read past
                     try:
-                        pos = self._decode_tokens([tok], pos, True)
+                        pos = self._decode_tokens([tok], pos, True, [tok])
                     except Cancelled:
                         st.stop_reason = "cancelled"
                         break
-                    self._keys.append(tok)
                     st.decode_tokens = len(st.token_ids)
                 tail, _hit = stops.feed(decoder.decode(b"", final=True))
                 tail += stops.flush() if st.stop_reason != "stop" else ""

@@ -158,13 +158,16 @@ class _Parts:
 
     def start_current(self, first_text: str) -> None:
         """The current turn begins here: with an item of its own, or inside the last one if its text merges."""
-        merges = bool(first_text) and bool(self.items) and isinstance(self.items[-1], str)
-        self.current_start = len(self.items) - (1 if merges else 0)
+        self.current_start = len(self.items) - (1 if self._joins_last(first_text) else 0)
+
+    def _joins_last(self, s: str) -> bool:
+        """Whether text `s` would be merged into the last item (see text)."""
+        return bool(s) and bool(self.items) and isinstance(self.items[-1], str)
 
     def text(self, s: str) -> None:
         if not s:
             return
-        if self.items and isinstance(self.items[-1], str):
+        if self._joins_last(s):
             self.items[-1] += s
         else:
             self.items.append(s)
