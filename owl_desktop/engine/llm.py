@@ -69,8 +69,12 @@ MIN_SHIFT = 16  # positions a stretch must have to be moved up in the cache (a s
 @dataclass(eq=False)
 class _SavedPrefix:
     keys: list[Any]  # the identity of each position the state holds
-    state: Any  # ctypes uint8 array from llama_state_seq_get_data
+    state: np.ndarray  # [nbytes] uint8, from llama_state_seq_get_data
     nbytes: int
+
+
+def _bytes_ptr(buf: np.ndarray) -> Any:
+    return buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
 def common_prefix(a: Sequence[Any], b: Sequence[Any], b_start: int = 0) -> int:
@@ -537,8 +541,11 @@ class LlamaEngine:
         size = int(L.llama_state_seq_get_size(self.ctx, 0))
         if size <= 0 or size > self._saved_cap:
             return
-        buf = (ctypes.c_uint8 * size)()
-        written = int(L.llama_state_seq_get_data(self.ctx, buf, size, 0))
+        # np.empty, not a ctypes array: ctypes zero-fills its arrays holding the GIL, and at 7B a state is hundreds
+        # of MB (0.3 s during which the window could not run); these pages are first touched by the copy below, which
+        # runs without the GIL
+        buf = np.empty(size, dtype=np.uint8)
+        written = int(L.llama_state_seq_get_data(self.ctx, _bytes_ptr(buf), size, 0))
         if written <= 0:
             return
         live = self._keys
@@ -551,7 +558,7 @@ class LlamaEngine:
         """Make a saved state the live one; on failure the cache is empty (and False returned)."""
         self._saved.remove(saved)  # live again: saved anew when it is overwritten
         L.llama_memory_seq_rm(self.mem, 0, -1, -1)
-        if int(L.llama_state_seq_set_data(self.ctx, saved.state, saved.nbytes, 0)) == 0:
+        if int(L.llama_state_seq_set_data(self.ctx, _bytes_ptr(saved.state), saved.nbytes, 0)) == 0:
             L.llama_memory_clear(self.mem, True)
             self._keys = []
             return False
