@@ -277,7 +277,10 @@ class LlamaEngine:
         # AMX weight buffers die with SIGILL where the CPU code has AMX kernels that the kernel does not enable
         # (a -march=native build on our virtual machines). Our dispatching build never loads such a variant.
         mp.use_extra_bufts = self.settings.repack and not self.backends.amx_trap
-        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.settings.use_mmap else L.LLAMA_LOAD_MODE_NONE  # (no use_mmap)
+        mmap = self.settings.use_mmap
+        if mmap is None:  # mapped unless repacked: the mapping would stay resident beside the repacked copy
+            mmap = not (mp.use_extra_bufts and self.gpu is None and "AVX2" in self.backends.cpu_features)
+        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if mmap else L.LLAMA_LOAD_MODE_NONE  # (no use_mmap)
         no_devices = (ctypes.c_void_p * 1)()  # an empty NULL-terminated device list; outlives the load call
         if self.gpu is None:
             mp.n_gpu_layers = 0

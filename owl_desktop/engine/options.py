@@ -75,11 +75,14 @@ class LlmSettings:
     # (packaging/llama-cpp-patches), except without flash attention: its V cache is transposed, so every position
     # written touches every page of it.
     kv_type: str = "f16"  # a key of KV_TYPE_IDS
-    # How the weights are held (measured with `owl-desktop bench memory`): mapped from the GGUF (shared with the page
-    # cache, never counted twice) and, with `repack`, copied into llama.cpp's repacked CPU layout (faster decode,
-    # slower prefill, and a second copy of the weights while the mapping stays resident).
-    use_mmap: bool = True
-    repack: bool = False
+    # How the weights are held (measured with `owl-desktop bench memory` on the 7B shape, 2 threads): `repack` copies
+    # them into llama.cpp's repacked CPU layout (8-row groups: decode ~1.2x faster; prefill as fast, through
+    # packaging/llama-cpp-patches/cpu-repacked-q4k-tiled-batches.patch; a load some seconds longer). A repacked copy
+    # beside a mapped GGUF holds the model twice (8.3 GB at 7B), so `use_mmap` None maps the GGUF only when nothing is
+    # repacked (read instead: 5.2 GB, as mapped alone). llama.cpp repacks only on CPUs with AVX2, and never for layers
+    # on a GPU.
+    use_mmap: bool | None = None
+    repack: bool = True
     prefix_cache_mb: int = 1024  # host memory for saved KV prefixes of other conversations (0: none)
 
 
