@@ -288,6 +288,9 @@ def test_bench_latency_runs_on_the_tiny_bundle(demo_bundle: Path, capsys: pytest
     assert 0 < ask_only < figures["cold_positions"] - 65  # the image and the prompt before the question were ready
     typed_rest = figures["typed_positions"]["5.0"]
     assert 0 < typed_rest < ask_only  # typed during the head start, the question's finished words were ready too
+    # the system prompt's share of a new chat (the same prompt as the cold question): what its cache can save at most
+    system = figures["system_share"] * figures["cold_positions"]
+    assert abs(system - round(system)) < 1e-6 and 0 < round(system) < figures["cold_positions"] - 65
 
     def big(turns: list[dict[str, float]]) -> int:
         return sum(t["new_positions"] > 256 for t in turns)
