@@ -350,7 +350,7 @@ class LlamaEngine:
         batch.seq_id[i][0] = 0
         batch.logits[i] = 1 if logits else 0
 
-    def _decode_tokens(self, ids: Sequence[int], pos: int, logits_last: bool, keys: Sequence[Any] = ()) -> int:
+    def _decode_tokens(self, ids: Sequence[int], pos: int, logits_last: bool, keys: Sequence[Any]) -> int:
         """Decode `ids` from `pos` in batches; `keys` (theirs) join `_keys` batch by batch as each is in the cache."""
         b = self._tbatch
         for off in range(0, len(ids), self.n_batch):
@@ -364,7 +364,7 @@ class LlamaEngine:
             self._keys.extend(keys[off : off + len(chunk)])
         return pos + len(ids)
 
-    def _decode_embeddings(self, rows: np.ndarray, pos: int, logits_last: bool, keys: Sequence[Any] = ()) -> int:
+    def _decode_embeddings(self, rows: np.ndarray, pos: int, logits_last: bool, keys: Sequence[Any]) -> int:
         rows = np.ascontiguousarray(rows, dtype=np.float32)  # [n, n_embd]; no size check exists on the C side
         if rows.ndim != 2 or rows.shape[1] != self.n_embd:
             raise EngineError(f"image embeddings have shape {tuple(rows.shape)}; the model needs [n, {self.n_embd}]")
